@@ -1,0 +1,228 @@
+"""The contract every SAE variant honours (architecture.md "The SAE contract"; algorithms.md Appendix A).
+
+Storage convention (algorithms.md §0.3): one row per latent, `W_enc [d_sae, d_in]`, `W_dec [d_sae, d_in]`.
+Input normalisation (§1.1, `dataset_scalar`): the SAE trains on `input_scale * x`; `fold_input_scale` moves the
+scalar into the weights so an exported SAE runs on raw activations with identical codes.
+A variant supplies `select` (pre-activations -> codes) and optionally `aux_losses`; the rest is shared here.
+"""
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saes import ops
+
+
+@dataclass
+class SAEConfig:
+    """Fields every variant shares. Variants subclass this and add their own."""
+
+    d_in: int
+    """Width of the activations the SAE reads (d_model for the residual stream)."""
+    d_sae: int
+    """Number of latents."""
+    hook_name: str = ""
+    """Hook point the SAE was trained on, e.g. blocks.15.hook_resid_post."""
+    model_name: str = ""
+    """Model the activations came from."""
+    input_scale: float = 1.0
+    """Dataset scalar s of algorithms.md §1.1: the SAE works on s*x. 1.0 once folded."""
+    aux_k: int | None = None
+    """Dead latents used by AuxK (§1.5); None means d_in // 2, 0 disables AuxK."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (§1.5)."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (cache key, run name); saved in cfg.json."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the configuration cannot work."""
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}.")
+        if not (self.input_scale > 0 and torch.isfinite(torch.tensor(self.input_scale))):
+            raise ValueError(f"input_scale must be a positive finite number, got {self.input_scale}.")
+        if self.aux_k is not None and self.aux_k < 0:
+            raise ValueError(f"aux_k must be >= 0 (0 disables AuxK), got {self.aux_k}.")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16, float64, got {self.dtype!r}.")
+
+    @property
+    def effective_aux_k(self) -> int:
+        return self.d_in // 2 if self.aux_k is None else self.aux_k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        """Build from a dict, ignoring keys this config does not define (e.g. SAELens-only fields)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def check_k(k: int, d_sae: int, name: str = "k") -> None:
+    """Shared validation for every variant with a per-token budget."""
+    if not 0 < k <= d_sae:
+        raise ValueError(f"{name} must satisfy 0 < {name} <= d_sae={d_sae}, got {name}={k}.")
+
+
+@dataclass
+class SAEOutput:
+    """What `forward` returns. Losses are already weighted: `loss` is their sum."""
+
+    x_hat: Tensor  # [batch, d_in], raw (unscaled) space
+    codes: Tensor  # [batch, d_sae], dense; may be negative when the SAE is `signed`
+    pre_acts: Tensor | None  # [batch, d_sae] in the scaled space; None for MP-SAE
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor]
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+class SAE(nn.Module):
+    """Shared parameters, init (§1.2), decoding, loss template, step hooks and normalisation folding."""
+
+    architecture: ClassVar[str] = ""
+    config_cls: ClassVar[type[SAEConfig]] = SAEConfig
+    signed: ClassVar[bool] = False
+    """True when codes can be negative (AbsTopK, some MP modes): consumers must not assume z >= 0."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows kept at unit norm with gradient projection (§1.3)."""
+    uses_grad: ClassVar[bool] = False
+    """True when training needs the per-token gradient stored in the activation cache (g-SAE, §8)."""
+    batch_dependent: ClassVar[bool] = False
+    """True when train-mode selection depends on the whole batch (BatchTopK, Mutual/Feature Choice)."""
+
+    def __init__(self, cfg: SAEConfig, seed: int | None = 0):
+        super().__init__()
+        if not isinstance(cfg, self.config_cls):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(cfg).__name__}.")
+        cfg.validate()
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
+        W_dec = self.initial_decoder_norm * W_dec / W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(dtype))  # [d_sae, d_in]
+        self.W_enc = nn.Parameter(W_dec.clone().to(dtype))  # [d_sae, d_in]; tied init, untied training
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.register_buffer("input_scale", torch.tensor(float(cfg.input_scale)))
+
+    initial_decoder_norm: ClassVar[float] = 1.0
+
+    # ---- encoding -------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"{self.architecture} SAE expects activations of width d_in={self.cfg.d_in}, got {x.shape[-1]}: "
+                "train or load an SAE for this hook, or check the cache you are reading."
+            )
+
+    def pre_acts(self, x_scaled: Tensor) -> Tensor:
+        """u = W_enc (s*x - b_dec) + b_enc. x_scaled: [batch, d_in] -> [batch, d_sae]."""
+        return (x_scaled - self.b_dec) @ self.W_enc.T + self.b_enc
+
+    def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
+        """Codes from pre-activations: the variant's selection rule. [batch, d_sae] -> [batch, d_sae]."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Inference-mode codes of raw activations; never batch-dependent. [..., d_in] -> [..., d_sae]."""
+        self._check_input(x)
+        shape = x.shape
+        x_scaled = x.reshape(-1, shape[-1]).to(self.W_enc.dtype) * self.input_scale
+        codes = self.select(self.pre_acts(x_scaled), train=False, x_scaled=x_scaled, grad=None)
+        return codes.reshape(*shape[:-1], self.cfg.d_sae)
+
+    # ---- decoding -------------------------------------------------------------------------------------
+    def decode_no_bias(self, codes: Tensor) -> Tensor:
+        """sum_i z_i d_i in raw space, without b_dec (AuxK, steering, attribution). [..., d_sae] -> [..., d_in]."""
+        return (codes.to(self.W_dec.dtype) @ self.W_dec) / self.input_scale
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Reconstruction in raw space. [..., d_sae] -> [..., d_in]."""
+        return self.decode_no_bias(codes) + self.b_dec / self.input_scale
+
+    # ---- training -------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
+        """Train-mode pass: codes, reconstruction, weighted losses and metrics. x: [batch, d_in] raw."""
+        self._check_input(x)
+        x_scaled = x.to(self.W_enc.dtype) * self.input_scale
+        pre_acts = self.pre_acts(x_scaled)
+        codes = self.select(pre_acts, train=True, x_scaled=x_scaled, grad=grad)
+        x_hat_scaled = codes @ self.W_dec + self.b_dec
+        losses = {"mse": ops.mse_sum(x_scaled, x_hat_scaled)}
+        losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
+        metrics = {
+            "fvu": ops.fvu(x_scaled, x_hat_scaled).detach(),
+            "l0": (codes != 0).sum(-1).float().mean().detach(),
+        }
+        return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
+
+    def aux_losses(
+        self, pre_acts: Tensor, codes: Tensor, x_scaled: Tensor, x_hat_scaled: Tensor, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Extra weighted loss terms. Default: AuxK on dead latents (§1.5)."""
+        if dead_mask is None or self.cfg.effective_aux_k == 0 or not bool(dead_mask.any()):
+            return {}
+        aux = ops.auxk_loss(pre_acts, x_scaled - x_hat_scaled, self.W_dec, dead_mask, self.cfg.effective_aux_k)
+        return {"auxk": self.cfg.aux_coef * aux}
+
+    def after_backward(self) -> None:
+        """Before the optimiser step: project the radial gradient out of unit-norm decoder rows (§1.3)."""
+        if self.unit_norm_decoder:
+            ops.project_out_radial_grad(self.W_dec)
+
+    def after_step(self) -> None:
+        """After the optimiser step: renormalise decoder rows (§1.3)."""
+        if self.unit_norm_decoder:
+            ops.normalise_rows(self.W_dec.data)
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
+        """b_dec from a sample of raw activations (§1.2), in the scaled space. x: [n, d_in]."""
+        x_scaled = x.float() * self.input_scale
+        if method == "geometric_median":
+            value = ops.geometric_median(x_scaled)
+        elif method == "mean":
+            value = x_scaled.mean(0)
+        elif method == "zeros":
+            value = torch.zeros(self.cfg.d_in)
+        else:
+            raise ValueError(f"b_dec init must be geometric_median, mean or zeros, got {method!r}.")
+        self.b_dec.copy_(value.to(self.b_dec.dtype))
+
+    # ---- export ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """W_enc <- s W_enc, W_dec <- W_dec / s, b_dec <- b_dec / s; then s = 1 (§1.1)."""
+        s = self.input_scale.to(self.W_enc.dtype)
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+        self.fold_extra(float(s))
+        self.input_scale.fill_(1.0)
+        self.cfg.input_scale = 1.0
+
+    def fold_extra(self, scale: float) -> None:
+        """Variant hook for folding state beyond the four tensors (e.g. thresholds kept in the scaled space)."""
+
+    def export_inference(self) -> "SAE":
+        """A copy ready for inference on raw activations: normalisation folded, thresholds exported."""
+        exported = copy.deepcopy(self)
+        exported.fold_input_scale()
+        return exported
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Tensors saved beside the four SAELens ones (e.g. `threshold`)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `extra_tensors`."""

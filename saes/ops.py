@@ -1,0 +1,94 @@
+"""Pure tensor functions shared by the SAE variants (algorithms.md §1, §2).
+
+Shapes: `batch` tokens, `d_in` input width, `d_sae` latents, `k` active latents per token.
+"""
+import torch
+from torch import Tensor
+
+
+def topk_codes(pre_acts: Tensor, k: int, *, sorted: bool = False) -> Tensor:
+    """Dense codes keeping the k largest pre-activations per token, ReLU'd (§2.1).
+
+    pre_acts: [batch, d_sae] -> codes [batch, d_sae] with at most k non-zeros per row.
+    """
+    values, indices = pre_acts.topk(k, dim=-1, sorted=sorted)  # [batch, k]
+    return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """Sum of the selected decoder rows, without materialising dense codes (§2.1).
+
+    indices, values: [batch, k]; W_dec: [d_sae, d_in] -> [batch, d_in]. No b_dec.
+    """
+    return torch.nn.functional.embedding_bag(
+        indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
+    )
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained, pooled over the batch (§1.7):
+    sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""
+    residual = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    return residual / total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def mse_sum(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over tokens of the squared error summed over d_in (§1.7, the default training loss)."""
+    return (x - x_hat).pow(2).sum(-1).mean()
+
+
+def auxk_loss(
+    pre_acts: Tensor, residual: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int
+) -> Tensor:
+    """AuxK loss of Gao et al. (§1.5): dead latents predict the detached residual.
+
+    pre_acts: [batch, d_sae]; residual: [batch, d_in] = x - x_hat in the SAE's working space;
+    W_dec: [d_sae, d_in]; dead_mask: [d_sae] bool. The auxiliary decode has NO b_dec
+    (adding it double-counts the bias, the bug fixed in sparsify PR #134).
+    Normalised by the residual's variance around its batch mean (OAI / dictionary_learning).
+    """
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return pre_acts.new_zeros(())
+    k_aux = min(k_aux, n_dead)
+    residual = residual.detach()
+    dead_pre = pre_acts.masked_fill(~dead_mask, float("-inf"))  # [batch, d_sae]
+    values, indices = dead_pre.topk(k_aux, dim=-1)  # [batch, k_aux]
+    aux_hat = sparse_decode(indices, values.relu(), W_dec)  # [batch, d_in]
+    numerator = (residual - aux_hat).pow(2).sum()
+    denominator = (residual - residual.mean(0, keepdim=True)).pow(2).sum()
+    return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0)
+
+
+def project_out_radial_grad(W_dec: Tensor) -> None:
+    """Remove from each decoder row's gradient its component along the row (§1.3, step 2).
+
+    Assumes unit-norm rows. W_dec: [d_sae, d_in], rows are latents.
+    """
+    if W_dec.grad is None:
+        return
+    radial = (W_dec.grad * W_dec.data).sum(-1, keepdim=True)  # [d_sae, 1]
+    W_dec.grad.sub_(radial * W_dec.data)
+
+
+@torch.no_grad()
+def normalise_rows(W_dec: Tensor) -> None:
+    """Renormalise every decoder row (latent) to unit norm (§1.3, step 5)."""
+    eps = torch.finfo(W_dec.dtype).eps
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld iterations from the mean (§1.2). points: [n, d_in] -> [d_in]."""
+    points = points.float()
+    median = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(1e-8)  # [n]
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        moved = (new - median).norm()
+        median = new
+        if moved < tol:
+            break
+    return median
