@@ -9,11 +9,26 @@ from pathlib import Path
 import torch
 
 from saes.base import SAE, SAEConfig, SAEOutput
-from saes.io import load_state, read_cfg, save_sae
+from saes.io import architecture_of, load_state, read_cfg, save_sae
+from saes.abstopk import AbsTopKConfig, AbsTopKSAE
+from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saes.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saes.relu_l1 import ReLUL1Config, ReLUL1SAE
+from saes.hierarchical_topk import HierarchicalTopKConfig, HierarchicalTopKSAE
+from saes.gradient import GradientTopKConfig, GradientTopKSAE
+from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {
     "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "relu_l1": ReLUL1SAE,
+    "abstopk": AbsTopKSAE,
+    "matching_pursuit": MPSAE,
+    "matching_pursuit_signed": SignedMPSAE,
+    "gradient_topk": GradientTopKSAE,
+    "hierarchical_topk": HierarchicalTopKSAE,
 }
 
 
@@ -35,7 +50,7 @@ def build_sae(architecture: str, seed: int | None = 0, **fields) -> SAE:
 def load_sae(path: str | Path, architecture: str | None = None, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by `save_sae`. Pass `architecture` to insist on one."""
     raw = read_cfg(path)
-    name = raw.get("architecture", "")
+    name = architecture_of(raw)
     if architecture is not None and name != architecture:
         raise ValueError(
             f"{path} holds a {name!r} SAE, not {architecture!r}: load it with architecture={name!r} "

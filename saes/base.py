@@ -98,6 +98,8 @@ class SAE(nn.Module):
     """True when training needs the per-token gradient stored in the activation cache (g-SAE, §8)."""
     batch_dependent: ClassVar[bool] = False
     """True when train-mode selection depends on the whole batch (BatchTopK, Mutual/Feature Choice)."""
+    tied: ClassVar[bool] = False
+    """True when the encoder is the dictionary itself (MP-SAE, §7.1): no W_enc/b_enc parameters exist or are saved."""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = 0):
         super().__init__()
@@ -110,8 +112,9 @@ class SAE(nn.Module):
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
         W_dec = self.initial_decoder_norm * W_dec / W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(dtype))  # [d_sae, d_in]
-        self.W_enc = nn.Parameter(W_dec.clone().to(dtype))  # [d_sae, d_in]; tied init, untied training
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        if not self.tied:
+            self.W_enc = nn.Parameter(W_dec.clone().to(dtype))  # [d_sae, d_in]; tied init, untied training
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         self.register_buffer("input_scale", torch.tensor(float(cfg.input_scale)))
 
@@ -226,3 +229,13 @@ class SAE(nn.Module):
 
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Inverse of `extra_tensors`."""
+
+
+def require_nonnegative(sae: SAE, what: str) -> None:
+    """Refuse signed codes (AbsTopK, signed MP; §4.4) in code that assumes z >= 0, instead of silently
+    dropping the negative half. `what` names the caller, e.g. "max-activating examples"."""
+    if sae.signed:
+        raise ValueError(
+            f"{what} assumes non-negative codes, but this {sae.architecture!r} SAE is signed (codes can be < 0): "
+            "use its signed-aware counterpart (rank by |z|, collect top-positive and top-negative examples separately)."
+        )

@@ -39,7 +39,7 @@ def mse_sum(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def auxk_loss(
-    pre_acts: Tensor, residual: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int
+    pre_acts: Tensor, residual: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int, *, signed: bool = False
 ) -> Tensor:
     """AuxK loss of Gao et al. (§1.5): dead latents predict the detached residual.
 
@@ -47,18 +47,56 @@ def auxk_loss(
     W_dec: [d_sae, d_in]; dead_mask: [d_sae] bool. The auxiliary decode has NO b_dec
     (adding it double-counts the bias, the bug fixed in sparsify PR #134).
     Normalised by the residual's variance around its batch mean (OAI / dictionary_learning).
+    signed=True (AbsTopK, §4.2): the dead latents are ranked by |u| and keep their sign instead of being ReLU'd.
     """
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return pre_acts.new_zeros(())
     k_aux = min(k_aux, n_dead)
     residual = residual.detach()
-    dead_pre = pre_acts.masked_fill(~dead_mask, float("-inf"))  # [batch, d_sae]
-    values, indices = dead_pre.topk(k_aux, dim=-1)  # [batch, k_aux]
-    aux_hat = sparse_decode(indices, values.relu(), W_dec)  # [batch, d_in]
+    scores = pre_acts.abs() if signed else pre_acts
+    dead_scores = scores.masked_fill(~dead_mask, float("-inf"))  # [batch, d_sae]
+    indices = dead_scores.topk(k_aux, dim=-1).indices  # [batch, k_aux]
+    values = pre_acts.gather(-1, indices)  # [batch, k_aux]
+    aux_hat = sparse_decode(indices, values if signed else values.relu(), W_dec)  # [batch, d_in]
     numerator = (residual - aux_hat).pow(2).sum()
     denominator = (residual - residual.mean(0, keepdim=True)).pow(2).sum()
     return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0)
+
+
+def batch_topk_codes(pre_acts: Tensor, k: int, *, signed: bool = False) -> Tensor:
+    """Dense codes keeping the k*batch largest entries of the whole batch (BatchTopK §3.1, AbsTopK batch mode §4.2).
+
+    Unsigned: ranks and keeps relu(u). Signed: ranks |u| and keeps u with its sign.
+    pre_acts: [batch, d_sae] -> codes [batch, d_sae]; the mean L0 per token is exactly k (no ties, enough non-zeros).
+    """
+    scores = pre_acts.abs() if signed else pre_acts.relu()
+    flat = scores.flatten()  # [batch * d_sae]
+    n_keep = min(k * pre_acts.shape[0], flat.numel())
+    indices = flat.topk(n_keep, sorted=False).indices  # [k * batch]
+    values = pre_acts.flatten()[indices] if signed else flat[indices]
+    return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+
+
+def min_kept(codes: Tensor) -> Tensor | None:
+    """Smallest non-zero |z| of a batch: the per-batch estimate of a batch-mode threshold (§3.1). None if all zero."""
+    magnitudes = codes.detach().abs()
+    kept = magnitudes[magnitudes > 0]
+    return kept.min() if kept.numel() else None
+
+
+@torch.no_grad()
+def fold_decoder_norm(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> Tensor:
+    """z_i <- z_i ||d_i||, d_i <- d_i / ||d_i|| in place (§3.3 "Reporting"): same x_hat, comparable latents.
+
+    Exact for positively homogeneous activations (ReLU; JumpReLU once its thresholds are scaled too).
+    W_enc, W_dec: [d_sae, d_in]; b_enc: [d_sae]. Returns the old norms [d_sae].
+    """
+    norms = W_dec.norm(dim=-1).clamp_min(torch.finfo(W_dec.dtype).tiny)  # [d_sae]
+    W_enc.mul_(norms[:, None])
+    b_enc.mul_(norms)
+    W_dec.div_(norms[:, None])
+    return norms
 
 
 def project_out_radial_grad(W_dec: Tensor) -> None:

@@ -31,6 +31,10 @@ class TopKSAE(SAE):
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         return ops.topk_codes(pre_acts, self.cfg.k)
 
+    def saelens_extra_cfg(self) -> dict:
+        """SAELens's TopK reads k from cfg.json (its default, 100, would silently change the codes)."""
+        return {"k": self.cfg.k}
+
     def aux_losses(self, pre_acts, codes, x_scaled, x_hat_scaled, dead_mask) -> dict[str, Tensor]:
         losses = super().aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask)
         if self.cfg.multi_topk:

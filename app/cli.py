@@ -1,0 +1,115 @@
+"""`saewb`: the workbench's command line. Thin: parse a typed config (tyro), call the library.
+
+    saewb cache --model tiny --hooks blocks.1.hook_resid_post --tokens 20000
+    saewb train --cache.model tiny --cache.hooks blocks.1.hook_resid_post --run-dir runs/tiny
+    saewb demo
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from training.caching import CacheConfig
+from training.run import TrainConfig
+
+
+@dataclass
+class DemoConfig:
+    """Cache ~200k tokens of the embedded model at a middle layer, train a TopK SAE (4x width, k=32), and print
+    its held-out FVU and L0. A second run reuses everything already done."""
+
+    model: str = "smollm2"
+    """Model to cache ('smollm2' embedded, 'tiny' for a seconds-long trial)."""
+    hook: str | None = None
+    """Hook; default the residual stream after the middle block."""
+    tokens: int = 204_800
+    """Tokens to cache (10 shards of 20,480; the last shard is held out for evaluation)."""
+    dtype: str = "bfloat16"
+    """Dtype the model runs in while caching (bfloat16 is ~3x faster on CPU; float32 for exactness)."""
+    run_dir: Path = Path("runs/demo")
+    """Run folder to write."""
+
+    def train_config(self, n_layers: int) -> TrainConfig:
+        hook = self.hook or f"blocks.{n_layers // 2}.hook_resid_post"
+        cache = CacheConfig(model=self.model, hooks=[hook], tokens=self.tokens, dtype=self.dtype,  # type: ignore[arg-type]
+                            shard_tokens=20_480)
+        return TrainConfig(cache=cache, architecture="topk", expansion=4, k=32, batch_size=1024, epochs=4,
+                           run_dir=self.run_dir)
+
+
+def n_layers_of(model_name: str) -> int:
+    from training.model import canonical_name
+
+    return {"smollm2": 30, "tiny": 2}.get(canonical_name(model_name), 12)
+
+
+def run_cache(cfg: CacheConfig) -> None:
+    from training.caching import cache_activations
+
+    folder = cache_activations(cfg)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print(f"Cache ready: {folder}")
+    for hook, stats in manifest["stats"].items():
+        print(f"  {hook}: {stats['n_tokens']} tokens, {stats['n_kept']} kept for training "
+              f"({stats['n_special']} special, {stats['n_outliers']} outliers), median norm {stats['median_norm']:.3g}")
+
+
+def run_train(cfg: TrainConfig) -> None:
+    from training.run import train
+
+    summary = train(cfg)
+    done = "Already trained; " if summary.get("skipped") else ""
+    print(f"{done}SAE saved in {cfg.run_dir} (SAELens layout: cfg.json + sae_weights.safetensors)")
+    print(f"  FVU {summary['fvu']:.4f} on {summary['eval_split']}, L0 {summary['l0']:.2f}, "
+          f"never-fired latents {100 * summary['never_fired_frac']:.1f}% over {summary['eval_tokens']} tokens; "
+          f"trained {summary['train_tokens']} tokens at {summary['tokens_per_second']} tok/s")
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    train_cfg = cfg.train_config(n_layers_of(cfg.model))
+    print(f"Demo: {cfg.model}, hook {train_cfg.cache.hooks[0]}, {cfg.tokens} tokens, TopK SAE 4x k=32 -> {cfg.run_dir}")
+    run_train(train_cfg)
+
+
+COMMANDS = {
+    "cache": Annotated[CacheConfig, tyro.conf.subcommand(
+        "cache", description="Cache activations of a model at one or more hooks (content-addressed, resumable).")],
+    "train": Annotated[TrainConfig, tyro.conf.subcommand(
+        "train", description="Train an SAE on cached activations (caching them first when missing).")],
+    "demo": Annotated[DemoConfig, tyro.conf.subcommand(
+        "demo", description="The first vertical slice on the embedded model: cache, train TopK, report FVU and L0.")],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    cfg = tyro.cli(
+        COMMANDS["cache"] | COMMANDS["train"] | COMMANDS["demo"],  # type: ignore[operator]
+        args=args, prog="saewb",
+        description="SAE workbench: cache activations, train SAEs, and (next) evaluate, browse, steer, find circuits.",
+    )
+    model = cfg.model if isinstance(cfg, (CacheConfig, DemoConfig)) else cfg.cache.model
+    from training.model import is_local
+
+    if is_local(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    handlers = {CacheConfig: run_cache, TrainConfig: run_train, DemoConfig: run_demo}
+    try:
+        handlers[type(cfg)](cfg)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+        print(f"saewb: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("saewb: interrupted; finished shards and checkpoints are kept, run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""HierarchicalTopK SAE (Balagansky et al. 2025, arXiv 2505.24473, EMNLP 2025; code corl-team/flexsae), algorithms.md §5.
+
+One SAE trained across a set of budgets J ⊆ {1..K}: each token's top-K activations are sorted in descending order and
+the loss averages the reconstruction error of every prefix j ∈ J. The prefix of length k is exactly the top-k set, so
+inference at any k <= K is plain TopK(k) on the same encoder: `encode(x, k=...)` or `with_k(k)`.
+
+Choices and deviations:
+* the per-prefix error is `mse_sum` (sum over d_in, mean over tokens), so with J = {K} the loss is TopK's `mse`;
+  FLEXSAE's reference takes the per-element mean instead (a constant factor d_in);
+* the prefix errors come from the Gram identity of §5.2 (no loop over k, no [batch, K, d_in] cumsum); the FLEXSAE
+  Triton kernel is not used;
+* AuxK runs on the full-K residual (workbench choice, §5.3; whether the authors used AuxK is unverified).
+"""
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saes import ops
+from saes.base import SAE, SAEConfig, SAEOutput, check_k
+
+BUDGET_SETS = ("all", "pow2")
+
+
+@dataclass
+class HierarchicalTopKConfig(SAEConfig):
+    k_max: int = 32
+    """Largest budget K: the sorted top-K activations whose prefixes are trained."""
+    budgets: str | list[int] = "all"
+    """Budgets J averaged in the loss: "all" (1..k_max), "pow2" (powers of two below k_max, plus k_max) or a list."""
+    k: int | None = None
+    """Budget `encode` uses at inference; None means k_max. Any k <= k_max is valid (prefix property, §5.1)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_k(self.k_max, self.d_sae, "k_max")
+        if isinstance(self.budgets, str) and self.budgets not in BUDGET_SETS:
+            raise ValueError(f"budgets must be 'all', 'pow2' or a list of ints, got {self.budgets!r}.")
+        if not isinstance(self.budgets, str):
+            if not self.budgets or any(not 0 < int(j) <= self.k_max for j in self.budgets):
+                raise ValueError(f"budgets must be a non-empty list within 1..k_max={self.k_max}, got {self.budgets}.")
+        if self.k is not None and not 0 < self.k <= self.k_max:
+            raise ValueError(f"k must satisfy 0 < k <= k_max={self.k_max} (or be None for k_max), got k={self.k}.")
+
+    @property
+    def budget_list(self) -> list[int]:
+        """J as a sorted list of distinct budgets."""
+        if self.budgets == "all":
+            return list(range(1, self.k_max + 1))
+        if self.budgets == "pow2":
+            return sorted({2**i for i in range(self.k_max.bit_length()) if 2**i < self.k_max} | {self.k_max})
+        return sorted({int(j) for j in self.budgets})
+
+
+def prefix_sq_errors(e0: Tensor, values: Tensor, rows: Tensor) -> Tensor:
+    """||e0 - sum_{m<=j} v_m d_m||^2 for every prefix j at once, by the Gram identity of §5.2.
+
+    e0: [batch, d_in] = x - b_dec; values: [batch, K] in selection order; rows: [batch, K, d_in] the matching decoder
+    rows -> [batch, K]. Beyond the gathered rows it stores O(batch K^2), where a cumsum would store several
+    [batch, K, d_in] tensors for backward. Computed in at least fp32: the identity subtracts large terms.
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    e0, values, rows = e0.to(dtype), values.to(dtype), rows.to(dtype)
+    corr = (rows @ e0.unsqueeze(-1)).squeeze(-1)  # [batch, K]: <d_m, e0>
+    gram = rows @ rows.transpose(1, 2)  # [batch, K, K]: <d_m, d_m'>
+    pair = values.unsqueeze(-1) * gram * values.unsqueeze(-2)  # [batch, K, K]: v_m v_m' <d_m, d_m'>
+    # Adding term j to the prefix adds v_j^2 |d_j|^2 + 2 sum_{m<j} v_m v_j <d_m, d_j>; triu(1) holds the m < j pairs.
+    quad = (pair.diagonal(dim1=1, dim2=2) + 2 * pair.triu(1).sum(1)).cumsum(-1)  # [batch, K]
+    cross = (values * corr).cumsum(-1)  # [batch, K]
+    return e0.pow(2).sum(-1, keepdim=True) - 2 * cross + quad
+
+
+class HierarchicalTopKSAE(SAE):
+    architecture = "hierarchical_topk"
+    config_cls = HierarchicalTopKConfig
+    cfg: HierarchicalTopKConfig
+
+    def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
+        k = self.cfg.k_max if train or self.cfg.k is None else self.cfg.k
+        return ops.topk_codes(pre_acts, k)
+
+    def with_k(self, k: int) -> "HierarchicalTopKSAE":
+        """A view sharing this SAE's parameters whose `encode` uses budget k (for FVU / L0 curves over k)."""
+        view = copy.copy(self)  # shallow: parameters and buffers are shared, not copied
+        view.cfg = dataclasses.replace(self.cfg, k=k)
+        view.cfg.validate()
+        return view
+
+    def encode(self, x: Tensor, k: int | None = None) -> Tensor:
+        """Inference codes with budget k (default cfg.k, else k_max). [..., d_in] -> [..., d_sae]."""
+        return super().encode(x) if k is None else self.with_k(k).encode(x)
+
+    def sorted_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """Values (ReLU'd) and indices of the top-k_max pre-activations, largest first. -> [batch, k_max] twice."""
+        values, indices = pre_acts.topk(self.cfg.k_max, dim=-1, sorted=True)  # sorted: prefix j = top-j (§5.5)
+        return values.relu(), indices
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
+        """Train-mode pass. `mse` is the mean over j in J of the prefix-j error; codes and x_hat are at k_max."""
+        self._check_input(x)
+        x_scaled = x.to(self.W_enc.dtype) * self.input_scale
+        pre_acts = self.pre_acts(x_scaled)
+        values, indices = self.sorted_topk(pre_acts)
+        codes = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        x_hat_scaled = ops.sparse_decode(indices, values, self.W_dec) + self.b_dec
+        errors = prefix_sq_errors(x_scaled - self.b_dec, values, self.W_dec[indices])  # [batch, k_max]
+        budgets = torch.tensor(self.cfg.budget_list, device=errors.device) - 1
+        losses = {"mse": errors[:, budgets].mean().to(x_scaled.dtype)}
+        losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
+        curve = self._fvu_from_errors(errors.detach(), x_scaled)
+        metrics = {
+            "fvu": ops.fvu(x_scaled, x_hat_scaled).detach(),
+            "l0": (codes != 0).sum(-1).float().mean().detach(),
+            # §5.5: report FVU at several k, not the K-averaged training loss.
+            **{f"fvu_k{j}": curve[j - 1] for j in (2**i for i in range(self.cfg.k_max.bit_length()))},
+        }
+        return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
+
+    @staticmethod
+    def _fvu_from_errors(errors: Tensor, x_scaled: Tensor) -> Tensor:
+        total = (x_scaled - x_scaled.mean(0, keepdim=True)).pow(2).sum().to(errors.dtype)
+        return errors.sum(0) / total.clamp_min(torch.finfo(errors.dtype).tiny)  # [k_max]
+
+    @torch.no_grad()
+    def fvu_curve(self, x: Tensor) -> Tensor:
+        """Pooled FVU of raw activations x [batch, d_in] at every budget k = 1..k_max from one pass -> [k_max]."""
+        self._check_input(x)
+        x_scaled = x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype) * self.input_scale
+        values, indices = self.sorted_topk(self.pre_acts(x_scaled))
+        errors = prefix_sq_errors(x_scaled - self.b_dec, values, self.W_dec[indices])
+        return self._fvu_from_errors(errors, x_scaled)

@@ -1,0 +1,229 @@
+"""Write an activation cache: run the hooked model over a corpus and store activations shard by shard.
+
+Resumable: each shard is written to a temporary name, renamed, and recorded with its checksum in
+`progress.json`; a rerun of the same command skips recorded shards. The manifest is written last.
+"""
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from training import activation_store as store
+from training.corpus import special_token_ids, token_contexts
+from training.model import EMBEDDED, canonical_name, check_hooks, describe, load_model, model_fingerprint, stop_layer
+from training.paths import cache_root
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CacheConfig:
+    """Which activations to cache. Everything but `out`, `device`, `batch_size` and `outlier_factor` goes into the key."""
+
+    model: str = EMBEDDED
+    """Model: 'smollm2' (embedded SmolLM2-135M), 'tiny' (random 2-layer test model) or a TransformerLens/HF name."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook points to cache, all in one model pass (e.g. blocks.6.hook_resid_post blocks.6.attn.hook_z)."""
+    corpus: str = "austen"
+    """Text: 'austen' (embedded), a .txt/.parquet/.jsonl path or folder, or hf:DATASET[:CONFIG][:SPLIT]."""
+    text_column: str = "text"
+    """Column holding the text in parquet/jsonl/HF datasets."""
+    tokens: int = 200_000
+    """Tokens to cache (rounded up to whole contexts)."""
+    context_length: int = 128
+    """Tokens per context, BOS included."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in; activations are stored in it too."""
+    gradients: bool = False
+    """Also store the gradient of the summed next-token loss w.r.t. each hooked activation (for g-SAE); runs the
+    whole model forward and backward."""
+    shard_tokens: int = 65_536
+    """Tokens per shard file (rounded down to whole contexts)."""
+    outlier_factor: float = 10.0
+    """Tokens whose norm exceeds this many times the median norm are left out of training batches (0 keeps all)."""
+    batch_size: int = 16
+    """Contexts per model forward."""
+    device: str = "cpu"
+    """Torch device for the model, e.g. cpu or cuda."""
+    out: Path | None = None
+    """Cache folder; default ~/.cache/saewb/activations/<key> (content-addressed)."""
+
+    def key_fields(self, tokenizer_name: str) -> dict:
+        return {
+            "model": model_fingerprint(self.model), "hooks": list(self.hooks), "corpus": self.corpus,
+            "text_column": self.text_column, "tokens": self.n_contexts * self.context_length,
+            "context_length": self.context_length, "tokenizer": tokenizer_name, "dtype": self.dtype,
+            "gradients": self.gradients, "shard_tokens": self.contexts_per_shard * self.context_length,
+            "special_tokens": "bos-first-then-eos-separated; special ids masked",
+        }
+
+    @property
+    def n_contexts(self) -> int:
+        return math.ceil(self.tokens / self.context_length)
+
+    @property
+    def contexts_per_shard(self) -> int:
+        return max(1, self.shard_tokens // self.context_length)
+
+    def validate(self) -> None:
+        if self.tokens <= 0:
+            raise ValueError(f"--tokens must be positive, got {self.tokens}.")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}.")
+        if not self.hooks:
+            raise ValueError("Pass at least one hook, e.g. --hooks blocks.6.hook_resid_post.")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError(f"--hooks lists a hook twice: {self.hooks}.")
+
+
+def default_folder(cfg: CacheConfig, key_fields: dict) -> Path:
+    return Path(cfg.out) if cfg.out is not None else cache_root() / "activations" / store.cache_key(key_fields)
+
+
+def hooked_forward(model, tokens: torch.Tensor, hooks: list[str], gradients: bool):
+    """Activations (and gradients) of one batch of contexts: {hook: [batch*ctx, d]} for each."""
+    if not gradients:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks, model.cfg.n_layers))
+        return {h: cache[h].reshape(tokens.numel(), -1) for h in hooks}, None
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def fn(act, hook):
+            if not act.requires_grad:  # parameters are frozen: the earliest hook becomes the graph's leaf
+                act = act.detach().requires_grad_(True)
+            captured[name] = act
+            return act
+        return fn
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(h, capture(h)) for h in hooks])
+        log_probs = logits.float().log_softmax(-1)[:, :-1]  # [batch, ctx-1, vocab]
+        loss = -log_probs.gather(-1, tokens[:, 1:, None]).sum()
+        grads = torch.autograd.grad(loss, [captured[h] for h in hooks])
+    acts = {h: captured[h].detach().reshape(tokens.numel(), -1) for h in hooks}
+    return acts, {h: g.reshape(tokens.numel(), -1) for h, g in zip(hooks, grads)}
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(
+            f"Caching needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at {folder}: free space, "
+            "ask for fewer --tokens, or set SAEWB_CACHE (or --out) to a larger disk."
+        )
+
+
+def cache_activations(cfg: CacheConfig, model=None, progress: bool = True) -> Path:
+    """Create (or finish) the cache described by `cfg` and return its folder."""
+    cfg.validate()
+    cfg.model = canonical_name(cfg.model)
+    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    check_hooks(model, cfg.hooks)
+    key_fields = cfg.key_fields(tokenizer_name=f"{type(model.tokenizer).__name__}:{len(model.tokenizer)}")
+    folder = default_folder(cfg, key_fields)
+    manifest_path, progress_path = folder / store.MANIFEST, folder / store.PROGRESS
+    for path in (manifest_path, progress_path):
+        if path.is_file():
+            found = json.loads(path.read_text())["key_fields"]
+            if found != key_fields:
+                changed = sorted(k for k in key_fields if found.get(k) != key_fields[k])
+                raise store.CacheError(
+                    f"{folder} holds a cache written with different {', '.join(changed)} "
+                    f"(e.g. model {found.get('model')!r}, hooks {found.get('hooks')}): use another --out folder "
+                    "or delete this one."
+                )
+    if manifest_path.is_file():
+        return folder
+    state = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key_fields": key_fields, "shards": []}
+    done = len(state["shards"])
+    contexts = token_contexts(model.tokenizer, cfg.corpus, cfg.context_length, cfg.n_contexts, cfg.text_column)
+    special_ids = torch.tensor(special_token_ids(model.tokenizer))
+    n_shards = math.ceil(cfg.n_contexts / cfg.contexts_per_shard)
+    probe, _ = hooked_forward(model, contexts[:1].to(cfg.device), cfg.hooks, gradients=False)
+    width = sum(a.shape[-1] for a in probe.values())  # floats per token over all hooks
+    per_token = width * DTYPES[cfg.dtype].itemsize * (2 if cfg.gradients else 1) + 4 * len(cfg.hooks) + 5
+    check_disk(folder, int(1.1 * per_token * (cfg.n_contexts - done * cfg.contexts_per_shard) * cfg.context_length))
+    store.write_json_atomic(progress_path, state)
+
+    bar = tqdm(total=cfg.n_contexts * cfg.context_length, initial=done * cfg.contexts_per_shard * cfg.context_length,
+               unit="tok", unit_scale=True, desc=f"cache {cfg.model}", disable=not progress, dynamic_ncols=True)
+    for index in range(done, n_shards):
+        rows = contexts[index * cfg.contexts_per_shard:(index + 1) * cfg.contexts_per_shard]
+        tensors = shard_tensors(model, rows, cfg, special_ids, bar)
+        path = folder / store.shard_name(index)
+        tmp = folder / f".{path.name}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        state["shards"].append({"file": path.name, "sha256": store.file_sha256(path), "contexts": len(rows)})
+        store.write_json_atomic(progress_path, state)
+    bar.close()
+    finalise(folder, state, cfg, model)
+    return folder
+
+
+def shard_tensors(model, rows: torch.Tensor, cfg: CacheConfig, special_ids: torch.Tensor, bar) -> dict:
+    """All tensors of one shard (see activation_store's docstring for the names and shapes)."""
+    acts = {h: [] for h in cfg.hooks}
+    grads = {h: [] for h in cfg.hooks}
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size].to(cfg.device)
+        batch_acts, batch_grads = hooked_forward(model, batch, cfg.hooks, cfg.gradients)
+        for h in cfg.hooks:
+            acts[h].append(batch_acts[h].cpu())
+            if batch_grads is not None:
+                grads[h].append(batch_grads[h].to(batch_acts[h].dtype).cpu())
+        bar.update(batch.numel())
+    tensors = {"tokens": rows.to(torch.int32).contiguous(),
+               "special": torch.isin(rows, special_ids).to(torch.uint8).contiguous()}
+    for h in cfg.hooks:
+        a = torch.cat(acts[h])
+        tensors[f"acts.{h}"] = a.contiguous()
+        tensors[f"norms.{h}"] = a.float().norm(dim=-1).contiguous()
+        if cfg.gradients:
+            tensors[f"grads.{h}"] = torch.cat(grads[h]).contiguous()
+    return tensors
+
+
+def finalise(folder: Path, state: dict, cfg: CacheConfig, model) -> None:
+    """Statistics over all shards, then the manifest (atomically, last)."""
+    stats = {}
+    shards = [folder / entry["file"] for entry in state["shards"]]
+    for h in cfg.hooks:
+        norms, special, d = [], [], None
+        for path in shards:
+            with safe_open(str(path), framework="pt") as handle:
+                norms.append(handle.get_tensor(f"norms.{h}"))
+                special.append(handle.get_tensor("special").reshape(-1).bool())
+                d = handle.get_slice(f"acts.{h}").get_shape()[-1]
+        norms_all, special_all = torch.cat(norms), torch.cat(special)
+        regular = norms_all[~special_all]
+        median = regular.median().item()
+        outlier = (~special_all) & (norms_all > cfg.outlier_factor * median) if cfg.outlier_factor > 0 else \
+            torch.zeros_like(special_all)
+        kept = norms_all[~special_all & ~outlier]
+        stats[h] = {
+            "d": d, "n_tokens": len(norms_all), "n_special": int(special_all.sum()), "n_outliers": int(outlier.sum()),
+            "n_kept": len(kept), "median_norm": median, "mean_norm": kept.mean().item(),
+            "max_norm": norms_all.max().item(), "special_mean_norm": norms_all[special_all].mean().item()
+            if special_all.any() else None,
+            "dataset_scalar": math.sqrt(d) / kept.mean().item(),
+        }
+    manifest = {
+        "format_version": store.FORMAT_VERSION, "key": folder.name, "key_fields": state["key_fields"],
+        "model_name": cfg.model, "model": describe(model) | {"tokenizer": state["key_fields"]["tokenizer"]},
+        "d_model": model.cfg.d_model, "dtype": cfg.dtype, "context_length": cfg.context_length,
+        "n_contexts": sum(entry["contexts"] for entry in state["shards"]), "outlier_factor": cfg.outlier_factor,
+        "shards": state["shards"], "stats": stats, "config": json.loads(json.dumps(asdict(cfg), default=str)),
+    }
+    store.write_json_atomic(folder / store.MANIFEST, manifest)
+    (folder / "config.json").write_text(json.dumps(manifest["config"], indent=2))
