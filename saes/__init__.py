@@ -15,6 +15,7 @@ from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saes.relu_l1 import ReLUL1Config, ReLUL1SAE
 from saes.hierarchical_topk import HierarchicalTopKConfig, HierarchicalTopKSAE
+from saes.choice import FeatureChoiceConfig, FeatureChoiceSAE, MutualChoiceConfig, MutualChoiceSAE
 from saes.gradient import GradientTopKConfig, GradientTopKSAE
 from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
@@ -29,6 +30,8 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "matching_pursuit_signed": SignedMPSAE,
     "gradient_topk": GradientTopKSAE,
     "hierarchical_topk": HierarchicalTopKSAE,
+    "mutual_choice": MutualChoiceSAE,
+    "feature_choice": FeatureChoiceSAE,
 }
 
 

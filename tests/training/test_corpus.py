@@ -1,0 +1,60 @@
+"""Corpus reading and the BOS convention (training/corpus.py)."""
+import struct
+import zlib
+
+import pytest
+import torch
+
+from training.corpus import bos_eos, iter_contexts, lines_to_text, read_r_strings, token_contexts
+
+
+def r_record(strings: list[str]) -> bytes:
+    """One record of an R lazy-load database holding a character vector, built by hand."""
+    body = b"X\n" + struct.pack(">iii", 3, 0x040201, 0x030500) + struct.pack(">i", 5) + b"UTF-8"
+    body += struct.pack(">ii", 16, len(strings))
+    for s in strings:
+        raw = s.encode()
+        body += struct.pack(">ii", 0x00040009, len(raw)) + raw
+    compressed = zlib.compress(body)
+    return struct.pack(">I", len(body)) + compressed
+
+
+def test_read_r_strings_round_trip():
+    data = r_record(["EMMA", "", "By Jane Austen"]) + r_record(["Chapter 1", "It is a truth"])
+    assert read_r_strings(data) == [["EMMA", "", "By Jane Austen"], ["Chapter 1", "It is a truth"]]
+
+
+def test_lines_to_text_joins_wrapped_lines_into_paragraphs():
+    assert lines_to_text(["It is a truth", "universally acknowledged.", "", "", "However"]) == \
+        "It is a truth universally acknowledged.\n\nHowever"
+
+
+def test_contexts_start_with_bos_and_documents_end_with_eos(tiny_model):
+    tok = tiny_model.tokenizer
+    bos, eos = bos_eos(tok)
+    docs = ["Emma Woodhouse, handsome, clever, and rich.", "Mr. Darcy walked."]
+    stream = []
+    for doc in docs:
+        stream += tok(doc, add_special_tokens=False)["input_ids"] + [eos]
+    contexts = list(iter_contexts(tok, docs, context_length=5))
+    assert len(contexts) == len(stream) // 4
+    for i, row in enumerate(contexts):
+        assert row[0].item() == bos
+        assert row[1:].tolist() == stream[4 * i: 4 * i + 4]
+
+
+def test_too_short_corpus_and_unknown_corpus_are_clear(tiny_model, tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text("A short document.")
+    with pytest.raises(ValueError, match="fewer than the 100 requested"):
+        token_contexts(tiny_model.tokenizer, str(text), 8, 100)
+    with pytest.raises(ValueError, match="Unknown corpus"):
+        token_contexts(tiny_model.tokenizer, "no-such-corpus", 8, 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        next(iter_contexts(tiny_model.tokenizer, ["x"], 1))
+
+
+def test_austen_corpus_is_six_novels(tiny_model):
+    rows = token_contexts(tiny_model.tokenizer, "austen", 32, 10)
+    assert rows.shape == (10, 32) and rows.dtype == torch.long
+    assert "EMMA" in tiny_model.tokenizer.decode(rows[0])
