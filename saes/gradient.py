@@ -8,10 +8,12 @@ estimate of what ablating latent i would cost, so latents that matter downstream
 The values passed to the decoder are z, not s; the loss is the usual MSE + AuxK, so gradients only change *which*
 latents are used. Inference (encode) is plain TopK (beta = 0, §8.3). Choices made where the paper is unclear [U]:
 
-* g arrives in raw space (the activation cache stores dL/dx). The SAE works on s*x, so it uses dL/d(s x) = g / s
-  (§D.13); with the default `batch_rms` normalisation the scale cancels, but `none` depends on it.
-* `grad_normalisation` (§8.2): none; per_token_unit (g / ||g|| per token); batch_rms (default: g divided by the root
-  mean over the batch of ||g||^2, so a typical token has ||g|| = 1 and beta is comparable across layers and models).
+* `grad_normalisation` (§8.2) none: g arrives in raw space (the cache stores dL/dx) and the SAE works on s*x, so the
+  score uses dL/d(s x) = g / s (§D.13); z_i <d_i, g / s> is then exactly the attribution estimate.
+* per_token_unit (g / ||g|| per token) or batch_rms (default: g over the root mean over the batch of ||g||^2, so a
+  typical token has ||g|| = 1): scale-free, so the term is |<d_i / ||d_i||, g_hat>| <= ~1 and beta is comparable
+  across layers and models. Dividing by ||d_i|| (1 in training) keeps the score unchanged when export folds s into
+  W_dec, as the explicit g / s does for `none`: a folded SAE selects the same latents from the same raw gradient.
 """
 from dataclasses import dataclass
 
@@ -67,8 +69,13 @@ class GradientTopKSAE(TopKSAE):
             raise ValueError(f"grad must have the activations' shape {tuple(x_scaled.shape)}, got {tuple(grad.shape)}.")
         z = pre_acts.relu()  # [batch, d_sae]
         with torch.no_grad():  # the score only picks indices; gradients flow through the kept z
-            g = normalise_grad(grad.to(pre_acts.dtype) / self.input_scale, self.cfg.grad_normalisation)  # dL/d(s x)
-            effect = (g @ self.W_dec.T).abs()  # [batch, d_sae], |<d_i, g>|
+            grad = grad.to(pre_acts.dtype)
+            if self.cfg.grad_normalisation == "none":
+                g, rows = grad / self.input_scale, self.W_dec  # dL/d(s x) against the working-space rows
+            else:
+                g = normalise_grad(grad, self.cfg.grad_normalisation)
+                rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+            effect = (g @ rows.T).abs()  # [batch, d_sae], |<d_i, g>|
             score = z + self.cfg.beta * z * effect
             indices = score.topk(self.cfg.k, dim=-1, sorted=False).indices  # [batch, k]
         return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))

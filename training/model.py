@@ -143,7 +143,10 @@ def load_model(name: str = EMBEDDED, *, device: str = "cpu", dtype: str = "float
     name = canonical_name(name)
     if is_local(name):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders must never wait on the hub
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars report progress; theirs are noise here
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:

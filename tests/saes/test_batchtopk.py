@@ -1,0 +1,117 @@
+"""BatchTopK identities of algorithms.md §3.1: exact mean L0 in training, the EMA threshold, threshold inference
+and its export as a SAELens JumpReLU."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saes import build_sae, load_sae, save_sae
+from saes import ops
+from saes.jumprelu import JumpReLUSAE
+from training.synthetic import make_planted, mean_best_cosine
+from training.trainer import LoopConfig, train_sae
+
+
+def btk(**fields):
+    return build_sae("batchtopk", **{"d_in": 16, "d_sae": 64, "k": 4, **fields})
+
+
+def test_train_mean_l0_is_exactly_k_and_keeps_the_largest():
+    sae = btk()
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # plenty of positive pre-activations, so the batch budget is filled
+    x = torch.randn(50, 16)
+    out = sae(x)
+    assert int((out.codes != 0).sum()) == 4 * 50  # count_nonzero(Z) == k * B
+    per_token = (out.codes != 0).sum(-1)
+    assert per_token.min() < per_token.max()  # adaptive: tokens get different numbers of latents
+    relu_u = out.pre_acts.relu()
+    kept = out.codes != 0
+    assert relu_u[kept].min() >= relu_u[~kept].max()
+    torch.testing.assert_close(out.codes[kept], relu_u[kept])
+
+
+def test_batch_topk_codes_with_few_positive_entries_keeps_only_positives():
+    pre = -torch.ones(3, 5)
+    pre[0, 1], pre[2, 4] = 2.0, 0.5
+    codes = ops.batch_topk_codes(pre, k=2)
+    assert int((codes != 0).sum()) == 2 and codes[0, 1] == 2.0 and codes[2, 4] == 0.5
+
+
+def test_threshold_follows_the_dictionary_learning_ema():
+    sae = btk(threshold_start_step=1, threshold_decay=0.9)
+    batches = [torch.randn(32, 16) for _ in range(3)]
+    seen = []
+    for x in batches:
+        codes = sae(x).codes
+        seen.append(codes[codes > 0].min().item())
+        sae.after_step()
+        if len(seen) == 1:
+            assert sae.threshold.item() == -1.0  # step 1 is not after threshold_start_step=1: not estimated yet
+    expected = 0.9 * seen[1] + 0.1 * seen[2]  # step 2 initialises θ, step 3 is the first EMA update
+    assert sae.threshold.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_inference_is_a_global_threshold():
+    sae = btk()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x = torch.randn(40, 16)
+    u = sae.pre_acts(x)
+    torch.testing.assert_close(sae.encode(x), u.relu())  # θ not estimated yet: every positive latent
+    sae.threshold.fill_(0.3)
+    torch.testing.assert_close(sae.encode(x), u * (u > 0.3))
+    torch.testing.assert_close(sae.encode(x[:7]), sae.encode(x)[:7])  # per token
+
+
+def test_to_jumprelu_is_identical_and_saves_as_saelens_jumprelu(tmp_path):
+    sae = btk(input_scale=2.0)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3); sae.b_dec.normal_()
+    sae.threshold.fill_(0.25)
+    x = torch.randn(30, 16)
+    jump = sae.to_jumprelu()
+    assert isinstance(jump, JumpReLUSAE) and jump.cfg.apply_b_dec_to_input
+    torch.testing.assert_close(jump.encode(x), sae.encode(x))
+    torch.testing.assert_close(jump.decode(jump.encode(x)), sae.decode(sae.encode(x)))
+    path = save_sae(jump, tmp_path / "jump")
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is True
+    tensors = load_file(str(path / "sae_weights.safetensors"))
+    torch.testing.assert_close(tensors["threshold"], torch.full((64,), 0.25))
+    torch.testing.assert_close(load_sae(path).encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
+    sae.threshold.fill_(-1.0)  # not estimated: JumpReLU with θ = 0, i.e. ReLU
+    torch.testing.assert_close(sae.to_jumprelu().encode(x), sae.encode(x))
+
+
+def test_checkpoint_threshold_round_trip_and_per_latent_refusal(tmp_path):
+    sae = btk()
+    sae.threshold.fill_(0.4)
+    path = save_sae(sae, tmp_path / "btk", fold=False)
+    assert load_file(str(path / "sae_weights.safetensors"))["threshold"].shape == (64,)
+    assert load_sae(path).threshold.item() == pytest.approx(0.4)
+    jump = sae.to_jumprelu()
+    with torch.no_grad():
+        jump.log_threshold[0] = 0.0
+    jump_path = save_sae(jump, tmp_path / "jump")
+    cfg = json.loads((jump_path / "cfg.json").read_text())
+    cfg["saewb"]["architecture"] = cfg["architecture"] = "batchtopk"
+    cfg["saewb"]["config"]["k"] = 4
+    (jump_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="architecture='jumprelu'"):
+        load_sae(jump_path)
+
+
+def test_planted_recovery_and_threshold_l0():
+    planted = make_planted(d=32, n_true=96, mean_active=4, seed=3)
+    sae = build_sae("batchtopk", d_in=32, d_sae=192, k=6, threshold_start_step=300, threshold_decay=0.99)
+    sae.init_b_dec(planted.sample(2048, torch.Generator().manual_seed(9)))
+    history = train_sae(sae, planted.batches(512), 600, LoopConfig(lr=4e-3, warmup_steps=30, dead_tokens=50_000),
+                        progress=False)
+    assert history[-1]["fvu"] < 0.12  # seen 0.076-0.082 over three init seeds
+    assert mean_best_cosine(sae.W_dec, planted.directions) > 0.78  # seen 0.83-0.84
+    held_out = planted.sample(4096, torch.Generator().manual_seed(11))
+    codes = sae.encode(held_out)
+    assert abs((codes != 0).sum(-1).float().mean().item() - 6) < 0.15 * 6  # §3.1 test 3: within ±15% of k
+    assert ops.fvu(held_out, sae.decode(codes)) < 0.13  # seen 0.081-0.085
