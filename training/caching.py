@@ -62,6 +62,7 @@ class CacheConfig:
             "context_length": self.context_length, "tokenizer": tokenizer_name, "dtype": self.dtype,
             "gradients": self.gradients, "shard_tokens": self.contexts_per_shard * self.context_length,
             "special_tokens": "bos-first-then-eos-separated; special ids masked",
+            "tokenisation": "paragraph-pieces-v1",
         }
 
     @property

@@ -7,7 +7,7 @@ Sources, by name:
   through `datasets` with a `text` column.
 - `hf:NAME[:CONFIG][:SPLIT]`: any Hugging Face dataset, streamed through `datasets` (needs the hub).
 
-BOS convention: documents are tokenised without special tokens and joined into one stream with the EOS token
+BOS convention: documents are tokenised without special tokens (long ones in paragraph-aligned pieces) and joined into one stream with the EOS token
 after each document; the stream is cut into contexts of `context_length - 1` tokens and every context starts with
 the tokenizer's BOS token. Position 0 (BOS) and every EOS/special token are masked out of training batches.
 """
@@ -178,6 +178,17 @@ def bos_eos(tokenizer) -> tuple[int, int]:
     return bos, eos
 
 
+def text_pieces(text: str, size: int = 20_000) -> Iterator[str]:
+    """A document in pieces of about `size` characters cut at paragraph breaks, so the first contexts of a
+    long document are ready without tokenising all of it. The breaks stay with the preceding piece."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n\n", start + size)
+        end = len(text) if end == -1 else end + 2
+        yield text[start:end]
+        start = end
+
+
 def iter_contexts(tokenizer, texts: Iterable[str], context_length: int) -> Iterator[torch.Tensor]:
     """Contexts [context_length] of token ids: BOS + the next context_length-1 tokens of the document stream."""
     if context_length < 2:
@@ -186,7 +197,11 @@ def iter_contexts(tokenizer, texts: Iterable[str], context_length: int) -> Itera
     body = context_length - 1
     buffer: list[int] = []
     for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for piece in text_pieces(text):
+            buffer.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            while len(buffer) >= body:
+                yield torch.tensor([bos] + buffer[:body], dtype=torch.long)
+                del buffer[:body]
         buffer.append(eos)
         while len(buffer) >= body:
             yield torch.tensor([bos] + buffer[:body], dtype=torch.long)

@@ -58,3 +58,12 @@ def test_austen_corpus_is_six_novels(tiny_model):
     rows = token_contexts(tiny_model.tokenizer, "austen", 32, 10)
     assert rows.shape == (10, 32) and rows.dtype == torch.long
     assert "EMMA" in tiny_model.tokenizer.decode(rows[0])
+
+
+def test_text_pieces_cut_at_paragraphs_and_lose_nothing():
+    from training.corpus import text_pieces
+
+    text = "\n\n".join(f"Paragraph {i} " + "word " * (i % 7) for i in range(500))
+    pieces = list(text_pieces(text, size=300))
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert all(piece.endswith("\n\n") for piece in pieces[:-1])
