@@ -147,6 +147,8 @@ class FeatureChoiceSAE(SAE):
         kept = codes.detach()
         self._kept_min = kept.masked_fill(kept <= 0, math.inf).amin(0)
         self._fired = (kept != 0).float().mean(0)
+        self._above = (pre_acts.detach() > self.threshold.clamp_min(0.0)).float().sum(0)
+        self._count = (kept != 0).float().sum(0)
         return codes
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
@@ -162,7 +164,8 @@ class FeatureChoiceSAE(SAE):
             return
         if self.steps > self.cfg.threshold_start_step:
             observed, decay = self._kept_min.to(self.threshold.dtype), self.cfg.threshold_decay
-            ema = torch.where(self.threshold < 0, observed, decay * self.threshold + (1 - decay) * observed)
+            err = ((self._above - self._count) / (self._count + 1)).clamp(-1, 1)
+            ema = torch.where(self.threshold < 0, observed, self.threshold * torch.exp((1 - decay) * err))
             self.threshold.copy_(torch.where(torch.isfinite(observed), ema, self.threshold))
         fired, decay = self._fired.to(self.firing_freq.dtype), self.cfg.aux_zipf_decay
         self.firing_freq.copy_(torch.where(self.firing_freq < 0, fired, decay * self.firing_freq + (1 - decay) * fired))

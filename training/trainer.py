@@ -1,11 +1,15 @@
-"""A minimal SAE training loop (issue 5 grows it into the full trainer).
+"""One trainer for every registered SAE variant, and for several SAEs trained on the same batches.
 
-It already does what every variant needs: Adam, LR warm-up and linear decay (algorithms.md §1.6), the
-variant's step hooks (gradient projection and decoder renormalisation, §1.3), gradient clipping, and dead
-latents counted in tokens (§1.4) feeding AuxK (§1.5).
+Per step and per SAE (algorithms.md §1.3-§1.6): LR warm-up and linear decay, optional sparsity-coefficient
+warm-up (variants with a `sparsity_coef`) and k-annealing (variants with a `k`), forward (bf16 autocast on GPU,
+fp32 master weights), non-finite guard, backward, gradient averaging across ranks, the variant's
+`after_backward` (gradient projection), clipping, Adam, `after_step` (decoder renormalisation, threshold EMAs),
+and dead latents counted in tokens (§1.4) feeding AuxK (§1.5).
+All state needed for a bit-identical resume is in `state_dict()`.
 """
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saes.base import SAE
+from training import distributed as dist
 
 
 @dataclass
@@ -27,6 +32,14 @@ class LoopConfig:
     """Global gradient-norm clip; 0 disables."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens is dead (§1.4)."""
+    sparsity_warmup_steps: int = 0
+    """Steps over which a variant's sparsity coefficient (JumpReLU, ReLU+L1) ramps from 0 to its value."""
+    k_anneal_steps: int = 0
+    """Steps over which k anneals linearly from min(4k, d_sae) down to k (TopK family); 0 disables."""
+    autocast: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'off'. Master weights stay fp32."""
+    compile: bool = False
+    """torch.compile each SAE's forward."""
 
 
 def default_lr(d_sae: int) -> float:
@@ -44,6 +57,11 @@ def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
     return 1.0
 
 
+def ramp(step: int, steps: int) -> float:
+    """0 -> 1 linearly over `steps` steps (1 when steps is 0)."""
+    return 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
+
+
 class DeadLatentCounter:
     """tokens_since_fired per latent (§1.4); a latent fires when its code is non-zero (signed codes included)."""
 
@@ -52,14 +70,124 @@ class DeadLatentCounter:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
 
     def update(self, codes: Tensor) -> None:
-        """codes: [batch, d_sae]."""
+        """codes: [batch, d_sae]. Across ranks, fired latents and token counts are combined first."""
         fired = (codes != 0).any(0)
-        self.tokens_since_fired += codes.shape[0]
+        tokens = codes.shape[0]
+        if dist.is_distributed():
+            fired, tokens = dist.combine_fired(fired, tokens)
+        self.tokens_since_fired += tokens
         self.tokens_since_fired[fired] = 0
 
     @property
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.threshold
+
+
+class NonFiniteLossError(FloatingPointError):
+    def __init__(self, name: str, step: int, value: float):
+        super().__init__(
+            f"The loss of SAE {name!r} became {value} at step {step}; training stopped before updating the weights. "
+            "Lower --loop.lr (or raise --loop.warmup-steps) and resume from the last good checkpoint."
+        )
+        self.step = step
+
+
+class SAEState:
+    """One SAE with its optimiser, dead-latent counter and the hook it reads."""
+
+    def __init__(self, name: str, sae: SAE, hook: str, cfg: LoopConfig, total_steps: int):
+        self.name, self.sae, self.hook = name, sae, hook
+        self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
+        fused = sae.W_dec.is_cuda
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999), fused=fused or None)
+        self.counter = DeadLatentCounter(sae.cfg.d_sae, cfg.dead_tokens, device=sae.W_dec.device)
+        self.target_k = getattr(sae.cfg, "k", None)
+        self.target_sparsity = getattr(sae, "sparsity_coef", None)
+        self.forward = torch.compile(sae) if cfg.compile else sae
+
+
+class Trainer:
+    """Trains several SAEs on the same stream of batches; each batch is {hook: x or (x, grad)}."""
+
+    def __init__(self, saes: dict[str, tuple[SAE, str]], cfg: LoopConfig, total_steps: int):
+        self.cfg, self.total_steps, self.step = cfg, total_steps, 0
+        self.tokens = 0
+        self.states = {name: SAEState(name, sae, hook, cfg, total_steps) for name, (sae, hook) in saes.items()}
+        device = next(iter(self.states.values())).sae.W_dec.device
+        use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.timings = {"sae_seconds": 0.0}
+
+    def _schedule(self, state: SAEState) -> None:
+        """Set this step's LR, sparsity coefficient and k."""
+        factor = lr_factor(self.step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_start)
+        for group in state.optimizer.param_groups:
+            group["lr"] = state.base_lr * factor
+        if state.target_sparsity is not None:
+            state.sae.sparsity_coef = state.target_sparsity * ramp(self.step, self.cfg.sparsity_warmup_steps)
+        if state.target_k is not None and self.cfg.k_anneal_steps > 0:
+            start_k = min(4 * state.target_k, state.sae.cfg.d_sae)
+            progress = ramp(self.step, self.cfg.k_anneal_steps)
+            state.sae.cfg.k = round(start_k + (state.target_k - start_k) * progress)
+
+    def train_step(self, batch: dict[str, Tensor | tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+        """One optimiser step of every SAE on its hook's part of the batch; returns per-SAE records."""
+        started = time.perf_counter()
+        records = {}
+        n_tokens = 0
+        for name, state in self.states.items():
+            x, grad = as_pair(batch[state.hook])
+            n_tokens = x.shape[0]
+            self._schedule(state)
+            with self.autocast:
+                out = state.forward(x, dead_mask=state.counter.dead_mask, grad=grad)
+            loss = out.loss.float()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(name, self.step, loss.item())
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.average_gradients(state.sae)
+            state.sae.after_backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(state.sae.parameters(), self.cfg.grad_clip)
+            state.optimizer.step()
+            state.sae.after_step()
+            dist.average_buffers(state.sae)
+            codes = out.codes.detach()
+            state.counter.update(codes)
+            records[name] = {
+                "step": self.step, "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},
+                **{k: v.item() for k, v in out.metrics.items()},
+                "dead_frac": state.counter.dead_mask.float().mean().item(),
+                "lr": state.optimizer.param_groups[0]["lr"],
+            }
+            records[name]["_codes"] = codes  # for histograms; dropped before writing
+        self.step += 1
+        self.tokens += n_tokens * dist.world_size()
+        for record in records.values():
+            record["tokens"] = self.tokens
+        self.timings["sae_seconds"] += time.perf_counter() - started
+        return records
+
+    # ---- exact resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+            "rng": torch.get_rng_state(),
+            "saes": {name: {"model": s.sae.state_dict(), "cfg": s.sae.cfg.to_dict(),
+                            "optimizer": s.optimizer.state_dict(),
+                            "tokens_since_fired": s.counter.tokens_since_fired.clone()}
+                     for name, s in self.states.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        torch.set_rng_state(state["rng"])
+        for name, saved in state["saes"].items():
+            s = self.states[name]
+            s.sae.load_state_dict(saved["model"])
+            s.optimizer.load_state_dict(saved["optimizer"])
+            s.counter.tokens_since_fired.copy_(saved["tokens_since_fired"])
 
 
 def as_pair(batch: Tensor | tuple) -> tuple[Tensor, Tensor | None]:
@@ -77,38 +205,20 @@ def train_sae(
     cfg: LoopConfig | None = None,
     *,
     progress: bool = True,
-    on_step=None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train `sae` in place for `steps` batches; returns the per-step losses and metrics."""
-    cfg = cfg or LoopConfig()
-    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999))
-    counter = DeadLatentCounter(sae.cfg.d_sae, cfg.dead_tokens, device=sae.W_dec.device)
+    """Train one SAE in place on an iterable of batches for `steps` steps; returns the per-step records."""
+    trainer = Trainer({"sae": (sae, "x")}, cfg or LoopConfig(), steps)
     history: list[dict[str, float]] = []
     iterator: Iterator = iter(batches)
     bar = tqdm(range(steps), desc=f"train {sae.architecture}", unit="step", disable=not progress, dynamic_ncols=True)
-    for step in bar:
+    for _ in bar:
         try:
-            x, grad = as_pair(next(iterator))
+            batch = next(iterator)
         except StopIteration:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * lr_factor(step, steps, cfg.warmup_steps, cfg.decay_start)
-        out = sae(x, dead_mask=counter.dead_mask, grad=grad)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite loss {loss.item()} at step {step}: lower the learning rate.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.after_backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        sae.after_step()
-        counter.update(out.codes.detach())
-        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},
-                  **{k: v.item() for k, v in out.metrics.items()},
-                  "dead_frac": counter.dead_mask.float().mean().item(), "tokens": (step + 1) * x.shape[0]}
+        record = trainer.train_step({"x": batch})["sae"]
+        record.pop("_codes")
         history.append(record)
         if on_step is not None:
             on_step(record)
