@@ -37,8 +37,8 @@ class DemoConfig:
         hook = self.hook or f"blocks.{n_layers // 2}.hook_resid_post"
         cache = CacheConfig(model=self.model, hooks=[hook], tokens=self.tokens, dtype=self.dtype,  # type: ignore[arg-type]
                             shard_tokens=20_480)
-        return TrainConfig(cache=cache, architecture="topk", expansion=4, k=32, batch_size=1024, epochs=4,
-                           run_dir=self.run_dir)
+        return TrainConfig(cache=cache, architectures=["topk"], k=[32], expansion=4, batch_size=1024, epochs=4,
+                           checkpoint_every=0, run_dir=self.run_dir)
 
 
 def n_layers_of(model_name: str) -> int:
@@ -61,12 +61,19 @@ def run_cache(cfg: CacheConfig) -> None:
 def run_train(cfg: TrainConfig) -> None:
     from training.run import train
 
-    summary = train(cfg)
-    done = "Already trained; " if summary.get("skipped") else ""
-    print(f"{done}SAE saved in {cfg.run_dir} (SAELens layout: cfg.json + sae_weights.safetensors)")
-    print(f"  FVU {summary['fvu']:.4f} on {summary['eval_split']}, L0 {summary['l0']:.2f}, "
-          f"never-fired latents {100 * summary['never_fired_frac']:.1f}% over {summary['eval_tokens']} tokens; "
-          f"trained {summary['train_tokens']} tokens at {summary['tokens_per_second']} tok/s")
+    from training.run import sae_folders
+
+    summaries = train(cfg)
+    folders = sae_folders(cfg)
+    for name, summary in summaries.items():
+        done = "Already trained; " if summary.get("skipped") else ""
+        print(f"{done}SAE {summary['architecture']} saved in {folders[name]} (SAELens layout: cfg.json + "
+              "sae_weights.safetensors)")
+        rate = summary["train_tokens"] / max(summary["sae_seconds"], 1e-9)
+        if "fvu" in summary:
+            print(f"  FVU {summary['fvu']:.4f} on {summary['eval_split']}, L0 {summary['l0']:.2f}, never-fired "
+                  f"latents {100 * summary['never_fired_frac']:.1f}% over {summary['eval_tokens']} tokens; "
+                  f"trained {summary['train_tokens']} tokens ({rate:.0f} tok/s in SAE steps)")
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {CacheConfig: run_cache, TrainConfig: run_train, DemoConfig: run_demo}
     try:
         handlers[type(cfg)](cfg)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:  # user-fixable: one sentence
         print(f"saewb: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

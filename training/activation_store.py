@@ -149,42 +149,76 @@ class ActivationCache:
 
     # ---- minibatches ----------------------------------------------------------------------------------
     def batches(
-        self, hook: str, batch_size: int, *, seed: int = 0, buffer_tokens: int = 262_144, shards: list[int] | None = None,
-        grads: bool = False, epochs: int = 1, outlier_factor: float | None = None,
-    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled minibatches [batch_size, d] through a bounded shuffle buffer; deterministic for a seed.
+        self, hook: str | list[str], batch_size: int, *, seed: int = 0, buffer_tokens: int = 262_144,
+        shards: list[int] | None = None, grads: bool = False, epochs: int = 1, outlier_factor: float | None = None,
+    ) -> Iterator:
+        """Shuffled minibatches through a bounded shuffle buffer; deterministic for a seed.
 
-        Shards are visited in a seeded random order and appended to a buffer of at most about
-        `buffer_tokens` + one shard; whenever it is full it is shuffled and its first half is emitted.
-        Memory stays bounded whatever the cache size. The last incomplete batch is dropped.
+        One hook gives tensors [batch_size, d] (or (x, grad) pairs with grads=True); a list of hooks gives dicts
+        {hook: ...} built from the same tokens (kept in every hook), so the data is read once for all of them.
+        Shards are visited in a seeded random order and appended to a buffer of at most about `buffer_tokens`
+        plus one shard; whenever it is full it is shuffled and its first half is emitted. Memory stays bounded
+        whatever the cache size. Each epoch gives floor(kept tokens / batch_size) batches.
         """
-        self.check_hook(hook)
+        hooks = [hook] if isinstance(hook, str) else list(hook)
+        for h in hooks:
+            self.check_hook(h)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        widths = [self.d_in(h) * (2 if grads else 1) for h in hooks]
         generator = torch.Generator().manual_seed(seed)
         shard_ids = list(range(self.n_shards)) if shards is None else list(shards)
+
+        def unpack(chunk: torch.Tensor):
+            parts = {}
+            for h, part in zip(hooks, chunk.split(widths, dim=1)):
+                parts[h] = part.split(self.d_in(h), dim=1) if grads else part
+            return parts[hook] if isinstance(hook, str) else parts
+
         for _ in range(epochs):
-            buffer: list[torch.Tensor] = []  # [n, d] or [n, 2d] when gradients ride along
+            buffer: list[torch.Tensor] = []  # rows are tokens; columns: each hook's acts (and grads)
             size = 0
             for position in torch.randperm(len(shard_ids), generator=generator).tolist():
-                data = self.shard_tokens(shard_ids[position], hook, grads=grads, outlier_factor=outlier_factor)
-                data = torch.cat(data, dim=1) if grads else data
+                data = self.shard_rows(shard_ids[position], hooks, grads=grads, outlier_factor=outlier_factor)
                 buffer.append(data)
                 size += len(data)
                 if size >= buffer_tokens:
                     pool = torch.cat(buffer)[torch.randperm(size, generator=generator)]
                     emit = (size // 2) // batch_size * batch_size
-                    yield from self._split(pool[:emit], batch_size, grads, self.d_in(hook))
+                    for start in range(0, emit, batch_size):
+                        yield unpack(pool[start:start + batch_size])
                     buffer, size = [pool[emit:]], size - emit
             if size:
                 pool = torch.cat(buffer)[torch.randperm(size, generator=generator)]
-                yield from self._split(pool[: size // batch_size * batch_size], batch_size, grads, self.d_in(hook))
+                for start in range(0, size // batch_size * batch_size, batch_size):
+                    yield unpack(pool[start:start + batch_size])
 
-    @staticmethod
-    def _split(pool: torch.Tensor, batch_size: int, grads: bool, d: int):
-        for start in range(0, len(pool), batch_size):
-            chunk = pool[start:start + batch_size]
-            yield (chunk[:, :d], chunk[:, d:]) if grads else chunk
+    def shard_rows(self, index: int, hooks: list[str], *, grads: bool = False,
+                   outlier_factor: float | None = None) -> torch.Tensor:
+        """Tokens of one shard kept in every hook, as rows [n, sum of widths] (acts, then grads, per hook)."""
+        keep = self.joint_keep_mask(index, hooks, outlier_factor)
+        columns = []
+        for h in hooks:
+            columns.append(self.read(index, f"acts.{h}")[keep].float())
+            if grads:
+                if not self.has_grads:
+                    raise CacheError(f"Cache {self.path} has no gradients: run `saewb cache ... --gradients` for g-SAE.")
+                columns.append(self.read(index, f"grads.{h}")[keep].float())
+        return torch.cat(columns, dim=1)
+
+    def n_batches(self, hooks: list[str], batch_size: int, shards: list[int] | None = None,
+                  outlier_factor: float | None = None) -> int:
+        """Batches per epoch that `batches` yields for these hooks and shards."""
+        shard_ids = list(range(self.n_shards)) if shards is None else shards
+        kept = sum(int(self.joint_keep_mask(index, hooks, outlier_factor).sum()) for index in shard_ids)
+        return kept // batch_size
+
+    def joint_keep_mask(self, index: int, hooks: list[str], outlier_factor: float | None = None) -> torch.Tensor:
+        """Tokens kept in every one of `hooks`: [contexts*ctx] bool."""
+        keep = self.keep_mask(index, hooks[0], outlier_factor)
+        for h in hooks[1:]:
+            keep &= self.keep_mask(index, h, outlier_factor)
+        return keep
 
     def n_kept_tokens(self, hook: str) -> int:
         return self.stats(hook)["n_kept"]

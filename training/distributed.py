@@ -64,3 +64,12 @@ def combine_fired(fired: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
 def shards_for_rank(shards: list[int]) -> list[int]:
     """This rank's share of the shards (round-robin)."""
     return shards[rank()::world_size()]
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest value over ranks (so every rank runs the same number of steps)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value])
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+    return int(tensor.item())

@@ -1,69 +1,135 @@
-"""A training job end to end: make sure the cache exists, train one SAE on it, evaluate on held-out shards,
-and leave a run folder: config.json (the whole job config), cfg.json + sae_weights.safetensors (SAELens layout),
-metrics.jsonl (one line per logged step) and summary.json (held-out FVU, L0, dead fraction).
+"""A training job end to end: validate, make sure the data exists, train one or several SAEs on the same batches
+with checkpoints and exact resume, evaluate on held-out shards, and leave run folders.
+
+One SAE: `run_dir/` is its run folder. Several (the product of --architectures, --k and --hooks): each gets
+`run_dir/<name>/`. A run folder holds config.json (the whole job config), cfg.json + sae_weights.safetensors
+(SAELens layout), metrics.jsonl (one line per step) and summary.json; checkpoints live in `run_dir/checkpoints/`.
 """
 import dataclasses
+import itertools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from saes import build_sae, load_sae, sae_class, save_sae
 from saes.base import SAE
+from training import distributed as dist
 from training.activation_store import ActivationCache
 from training.caching import CacheConfig, cache_activations
-from training.trainer import LoopConfig, train_sae
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.loaders import cache_batches, model_batches
+from training.logger import WANDB_MODES, RunLogger
+from training.trainer import LoopConfig, NonFiniteLossError, Trainer
 
 
 @dataclass
 class TrainConfig:
-    """Train an SAE on cached activations (the cache is created first when missing)."""
+    """Train SAEs on a model's activations: one, or a sweep trained on the same batches with the data read once."""
 
     cache: CacheConfig = field(default_factory=CacheConfig)
-    """Which activations to train on."""
-    hook: str | None = None
-    """Hook to train on; default the first of --cache.hooks."""
-    architecture: str = "topk"
-    """SAE variant (see `saewb train --help` for the registered names)."""
+    """Which activations (model, hooks, corpus, tokens); cached first when missing."""
+    source: Literal["cache", "model"] = "cache"
+    """'cache' trains from the activation cache; 'model' computes activations on the fly (nothing stored)."""
+    hooks: list[str] = field(default_factory=list)
+    """Hooks to train SAEs on; default the first of --cache.hooks."""
+    architectures: list[str] = field(default_factory=lambda: ["topk"])
+    """SAE variants, e.g. topk batchtopk jumprelu (one SAE per architecture x k x hook)."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """Active latents per token, one or several values (ignored by variants without k)."""
     expansion: int = 4
     """d_sae = expansion x d_in."""
-    k: int = 32
-    """Active latents per token (variants that have a budget)."""
+    sae_options: dict[str, str] = field(default_factory=dict)
+    """Extra config fields given to every SAE that has them, e.g. --sae-options beta 0.5 sparsity_coef 1.0."""
     batch_size: int = 4096
-    """Tokens per optimiser step."""
+    """Tokens per optimiser step (over all ranks when distributed)."""
     epochs: int = 1
-    """Passes over the training shards."""
+    """Passes over the training shards (cache source)."""
+    max_steps: int | None = None
+    """Stop after this many steps (default: the whole data)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
-    """Optimiser and schedule."""
-    input_norm: str = "dataset_scalar"
-    """'dataset_scalar' trains on sqrt(d)/E||x|| * x and folds the scalar on save (algorithms.md §1.1), or 'none'."""
+    """Optimiser, schedules and precision."""
+    input_norm: Literal["dataset_scalar", "none"] = "dataset_scalar"
+    """'dataset_scalar' trains on sqrt(d)/E||x|| * x and folds the scalar on save (algorithms.md §1.1)."""
     holdout_shards: int = 1
-    """Shards kept out of training and used to report FVU and L0 (0 evaluates on training data)."""
+    """Last shards kept out of training to report FVU and L0 (0 evaluates on training data)."""
+    checkpoint_every: int = 5_000_000
+    """Write a checkpoint every this many tokens (and always at the end); 0 only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    wandb: str = "offline"
+    """Weights & Biases: 'offline' (default; upload later with `wandb sync`), 'online' (needs `wandb login`), 'off'."""
+    wandb_project: str = "saewb"
+    """W&B project name."""
+    log_every: int = 10
+    """Steps between W&B logs (metrics.jsonl gets every step)."""
     seed: int = 0
     """Seeds initialisation and batch order."""
     run_dir: Path = Path("runs/demo")
     """Run folder to write."""
+    overwrite: bool = False
+    """Replace a run folder that holds a different job (otherwise that is an error)."""
 
     def validate(self) -> None:
-        sae_class(self.architecture)  # unknown names list the registered ones
+        """Checked before any model loads."""
+        for name in self.architectures:
+            sae_class(name)  # unknown names list the registered ones
+        if not self.architectures or not self.k:
+            raise ValueError("--architectures and --k need at least one value each.")
+        if any(k <= 0 for k in self.k):
+            raise ValueError(f"--k values must be positive, got {self.k}.")
         if self.expansion <= 0 or self.batch_size <= 0 or self.epochs <= 0:
             raise ValueError("--expansion, --batch-size and --epochs must be positive.")
-        if self.input_norm not in ("dataset_scalar", "none"):
-            raise ValueError(f"--input-norm must be dataset_scalar or none, got {self.input_norm!r}.")
-        if self.hook is not None and self.hook not in self.cache.hooks:
-            raise ValueError(f"--hook {self.hook!r} is not among --cache.hooks {self.cache.hooks}: add it there.")
+        missing = [h for h in self.hooks if h not in self.cache.hooks]
+        if missing:
+            raise ValueError(f"--hooks {missing} are not among --cache.hooks {self.cache.hooks}: add them there.")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}.")
+        if self.batch_size % dist.world_size():
+            raise ValueError(f"--batch-size {self.batch_size} must divide evenly over {dist.world_size()} ranks.")
+        self.cache.validate()
+
+    @property
+    def train_hooks(self) -> list[str]:
+        return self.hooks or self.cache.hooks[:1]
+
+    def specs(self) -> list[dict]:
+        """One entry per SAE of the job, with a readable unique name."""
+        combos = list(itertools.product(self.architectures, self.k, self.train_hooks))
+        specs = []
+        for architecture, k, hook in combos:
+            name = f"{architecture}-k{k}-{hook.replace('.', '_')}" if len(combos) > 1 else "sae"
+            specs.append({"name": name, "architecture": architecture, "k": k, "hook": hook})
+        return specs
 
 
 def config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def parse_option(value: str):
+    """CLI option strings become JSON values where they parse (numbers, booleans, lists)."""
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+def build_job_sae(cfg: TrainConfig, spec: dict, d_in: int, input_scale: float, metadata: dict) -> SAE:
+    config_cls = sae_class(spec["architecture"]).config_cls
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {"d_in": d_in, "d_sae": cfg.expansion * d_in, "hook_name": spec["hook"], "model_name": cfg.cache.model,
+              "input_scale": input_scale if cfg.input_norm == "dataset_scalar" else 1.0, "k": spec["k"],
+              "metadata": metadata, **{k: parse_option(v) for k, v in cfg.sae_options.items()}}
+    return build_sae(spec["architecture"], seed=cfg.seed, **{k: v for k, v in fields.items() if k in names})
+
+
 def split_shards(cache: ActivationCache, holdout: int) -> tuple[list[int], list[int], bool]:
-    """Training shards, evaluation shards (the last `holdout` ones), and whether evaluation is held out.
-    A single-shard cache is evaluated on its training data, and the summary says so."""
+    """Training shards, evaluation shards (the last `holdout`), and whether evaluation is held out."""
     n = cache.n_shards
     holdout = min(holdout, n - 1)
     if holdout <= 0:
@@ -73,13 +139,11 @@ def split_shards(cache: ActivationCache, holdout: int) -> tuple[list[int], list[
 
 @torch.no_grad()
 def evaluate(sae: SAE, cache: ActivationCache, hook: str, shards: list[int]) -> dict:
-    """Pooled FVU, mean L0 and the fraction of latents that never fired on the given shards (special and
-    outlier tokens excluded)."""
+    """Pooled FVU, mean L0 and the fraction of latents that never fired (special and outlier tokens excluded)."""
     sq_err, n, total, sq_sum, l0_sum = 0.0, 0, torch.zeros(cache.d_in(hook), dtype=torch.float64), 0.0, 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     for index in shards:
-        x = cache.shard_tokens(index, hook)
-        for chunk in x.split(4096):
+        for chunk in cache.shard_tokens(index, hook).split(4096):
             codes = sae.encode(chunk)
             x_hat = sae.decode(codes)
             sq_err += (chunk - x_hat).double().pow(2).sum().item()
@@ -88,54 +152,163 @@ def evaluate(sae: SAE, cache: ActivationCache, hook: str, shards: list[int]) -> 
             l0_sum += (codes != 0).sum().item()
             fired |= (codes != 0).any(0)
             n += len(chunk)
-    variance = sq_sum - (total.pow(2).sum().item() / n)  # sum ||x - mean||^2
+    variance = sq_sum - total.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {"fvu": sq_err / variance, "l0": l0_sum / n, "never_fired_frac": 1 - fired.float().mean().item(),
             "eval_tokens": n}
 
 
-def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict:
-    """Run the job; returns the summary. Skips training when the run folder already holds this exact job."""
-    cfg.validate()
-    run_dir = Path(cfg.run_dir)
-    config = config_json(cfg)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and (run_dir / "config.json").is_file():
-        if json.loads((run_dir / "config.json").read_text()) == config:
-            summary = json.loads(summary_path.read_text())
-            summary["skipped"] = True
-            return summary
-    cache_dir = cache_activations(cfg.cache, model=model, progress=progress)
-    cache = ActivationCache(cache_dir)
-    hook = cfg.hook or cfg.cache.hooks[0]
-    d_in = cache.d_in(hook)
-    fields = {"d_in": d_in, "d_sae": cfg.expansion * d_in, "hook_name": hook, "model_name": cfg.cache.model,
-              "input_scale": cache.stats(hook)["dataset_scalar"] if cfg.input_norm == "dataset_scalar" else 1.0,
-              "k": cfg.k, "metadata": {"cache_key": cache.manifest["key"], "context_length": cache.context_length}}
-    config_names = {f.name for f in dataclasses.fields(sae_class(cfg.architecture).config_cls)}
-    sae = build_sae(cfg.architecture, seed=cfg.seed, **{k: v for k, v in fields.items() if k in config_names})
-    train_ids, eval_ids, held_out_eval = split_shards(cache, cfg.holdout_shards)
-    sae.init_b_dec(cache.shard_tokens(train_ids[0], hook)[:4096])
-    n_train = sum(cache.keep_mask(i, hook).sum().item() for i in train_ids)
-    steps = max(1, (n_train * cfg.epochs) // cfg.batch_size)
-    batches = cache.batches(hook, cfg.batch_size, seed=cfg.seed, shards=train_ids, epochs=cfg.epochs,
-                            grads=sae.uses_grad)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    summary_path.unlink(missing_ok=True)
-    started = time.time()
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-        def log(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
+def sae_folders(cfg: TrainConfig) -> dict[str, Path]:
+    specs = cfg.specs()
+    return {s["name"]: (cfg.run_dir if len(specs) == 1 else cfg.run_dir / s["name"]) for s in specs}
 
-        history = train_sae(sae, batches, steps, cfg.loop, progress=progress, on_step=log)
-    seconds = time.time() - started
-    save_sae(sae, run_dir)
-    held_out = evaluate(load_sae(run_dir), cache, hook, eval_ids)
-    summary = {"architecture": cfg.architecture, "hook": hook, "d_in": d_in, "d_sae": sae.cfg.d_sae,
-               "steps": len(history), "train_tokens": len(history) * cfg.batch_size,
-               "train_seconds": round(seconds, 2), "tokens_per_second": round(len(history) * cfg.batch_size / seconds),
-               "final_train_fvu": history[-1]["fvu"] if history else math.nan, **held_out,
-               "eval_split": "held-out shards" if held_out_eval else "training data (single-shard cache)",
-               "cache": str(cache_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+def prepare_run_dir(cfg: TrainConfig, config: dict) -> str:
+    """'done' (same job finished), 'resume' (same job, a checkpoint exists) or 'fresh'."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != config:
+        if not cfg.overwrite:
+            raise ValueError(f"{run_dir} holds a different training job: pass another --run-dir, or --overwrite.")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if saved.is_file() and all((f / "summary.json").is_file() for f in sae_folders(cfg).values()):
+        return "done"
+    return "resume" if saved.is_file() and latest_checkpoint(run_dir) else "fresh"
+
+
+def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict]:
+    """Run the job; returns {sae name: summary}. Skips work a previous run of the same job already did."""
+    cfg.validate()
+    config = config_json(cfg)
+    status = prepare_run_dir(cfg, config)
+    folders = sae_folders(cfg)
+    if status == "done":
+        return {name: json.loads((f / "summary.json").read_text()) | {"skipped": True} for name, f in folders.items()}
+    dist.init_from_env(cfg.cache.device)
+    hooks = cfg.train_hooks
+    if cfg.source == "cache":
+        cache_dir = cache_activations(cfg.cache, model=model, progress=progress and dist.is_main())
+        cache = ActivationCache(cache_dir)
+        train_ids, eval_ids, held_out = split_shards(cache, cfg.holdout_shards)
+        scales = {h: cache.stats(h)["dataset_scalar"] for h in hooks}
+        d_ins = {h: cache.d_in(h) for h in hooks}
+        sample = {h: cache.shard_tokens(train_ids[0], h)[:4096] for h in hooks}
+        metadata = {"cache_key": cache.manifest["key"], "context_length": cache.context_length}
+    else:
+        from training.model import load_model
+
+        model = model or load_model(cfg.cache.model, device=cfg.cache.device, dtype=cfg.cache.dtype)
+        first = next(model_batches(model, cfg.cache, hooks, 4096, seed=cfg.seed, grads=False))
+        sample = {h: first[h] for h in hooks}
+        d_ins = {h: sample[h].shape[1] for h in hooks}
+        scales = {h: d_ins[h] ** 0.5 / sample[h].norm(dim=-1).mean().item() for h in hooks}
+        metadata = {"source": "model", "context_length": cfg.cache.context_length}
+    saes = {}
+    for spec in cfg.specs():
+        sae = build_job_sae(cfg, spec, d_ins[spec["hook"]], scales[spec["hook"]], metadata).to(cfg.cache.device)
+        sae.init_b_dec(sample[spec["hook"]].to(cfg.cache.device))
+        saes[spec["name"]] = (sae, spec["hook"])
+    needs_grads = any(sae.uses_grad for sae, _ in saes.values())
+    per_rank = cfg.batch_size // dist.world_size()
+    if cfg.source == "cache":
+        my_shards = dist.shards_for_rank(train_ids)
+        steps = cfg.epochs * dist.min_over_ranks(cache.n_batches(hooks, per_rank, my_shards))
+        make_batches = lambda: cache_batches(cache, hooks, per_rank, seed=cfg.seed + dist.rank(), shards=my_shards,  # noqa: E731
+                                             epochs=cfg.epochs, grads=needs_grads)
+    else:
+        steps = cfg.cache.n_contexts * cfg.cache.context_length // cfg.batch_size
+        make_batches = lambda: model_batches(model, cfg.cache, hooks, per_rank, seed=cfg.seed, grads=needs_grads)  # noqa: E731
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    if steps <= 0:
+        raise ValueError(f"Not enough tokens for one batch of {cfg.batch_size}: cache more --cache.tokens or lower "
+                         "--batch-size.")
+    trainer = Trainer(saes, cfg.loop, steps)
+    resumed_from = None
+    if status == "resume":
+        resumed_from = latest_checkpoint(cfg.run_dir)
+        trainer.load_state_dict(load_checkpoint(resumed_from))
+    run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from)
+    summaries = {}
+    if dist.is_main():
+        for name, (sae, hook) in saes.items():
+            folder = folders[name]
+            save_sae(sae, folder)
+            summary = {"architecture": sae.architecture, "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                       "steps": trainer.step, "train_tokens": trainer.tokens, **trainer.timings}
+            if cfg.source == "cache":
+                summary |= evaluate(load_sae(folder), cache, hook, eval_ids)
+                summary["eval_split"] = "held-out shards" if held_out else "training data (single-shard cache)"
+                summary["cache"] = str(cache_dir)
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            summaries[name] = summary
+    return summaries
+
+
+def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: dict, folders: dict[str, Path],
+             progress: bool, resumed_from: Path | None) -> None:
+    """Step through the batches with progress, metrics, histograms and checkpoints."""
+    main = dist.is_main()
+    for _ in range(trainer.step):  # exact resume: skip the batches already trained on
+        next(batches)
+    run_dir = Path(cfg.run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+    wandb_id_file = run_dir / "wandb_id.txt"
+    logger = RunLogger(folders if main else {}, config, wandb_mode=cfg.wandb if main else "off",
+                       project=cfg.wandb_project, run_name=run_dir.name, wandb_dir=run_dir,
+                       resume_id=wandb_id_file.read_text().strip() if resumed_from and wandb_id_file.is_file() else None,
+                       append=resumed_from is not None)
+    if main and logger.wandb_id:
+        wandb_id_file.write_text(logger.wandb_id)
+    bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",
+               disable=not (progress and main), dynamic_ncols=True)
+    next_checkpoint = trainer.tokens + cfg.checkpoint_every if cfg.checkpoint_every else None
+    fired = {name: torch.zeros(s.sae.cfg.d_sae) for name, s in trainer.states.items()}
+    window = 0
+    data_seconds, started = 0.0, time.perf_counter()
+    try:
+        while trainer.step < steps:
+            tick = time.perf_counter()
+            batch = next(batches)
+            data_seconds += time.perf_counter() - tick
+            records = trainer.train_step(batch)
+            window += cfg.batch_size // dist.world_size()
+            elapsed = time.perf_counter() - started
+            extra = {"tokens_per_s": trainer.tokens / max(elapsed, 1e-9), "data_s": data_seconds,
+                     "sae_s": trainer.timings["sae_seconds"]}
+            for name, record in records.items():
+                fired[name] += (record["_codes"] != 0).sum(0).cpu()
+            if main:
+                to_wandb = trainer.step % cfg.log_every == 0 or trainer.step == steps
+                logger.log(records, trainer.step, extra, to_wandb=to_wandb)
+                if to_wandb:
+                    for name, record in records.items():
+                        density = (fired[name] / window).clamp_min(1e-10).log10()
+                        logger.log_histograms(name, (record["_codes"] != 0).sum(-1).cpu(), density, trainer.step)
+                        fired[name].zero_()
+                    window = 0
+            first = next(iter(records.values()))
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+            if main and next_checkpoint is not None and trainer.tokens >= next_checkpoint:
+                save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
+                logger.flush()
+                next_checkpoint += cfg.checkpoint_every
+        if main:
+            save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
+            for name, state in trainer.states.items():
+                save_sae(state.sae, folders[name])
+                logger.log_artifact(name, folders[name])
+    except NonFiniteLossError as error:
+        last = latest_checkpoint(run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise FloatingPointError(f"{error} Training stopped; {where}.") from None
+    finally:
+        bar.close()
+        logger.close()
+        trainer.timings["data_seconds"] = data_seconds
