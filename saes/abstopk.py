@@ -28,7 +28,7 @@ def abs_topk_codes(pre_acts: Tensor, k: int) -> Tensor:
 @dataclass
 class AbsTopKConfig(BatchTopKConfig):
     selection: str = "batch"
-    """Selection scope: "per_token" (the paper's H_k; SAELens-compatible) or "batch" (top-k*batch |u|, released code)."""
+    """Selection scope: "per_token" (the paper's H_k; SAELens-compatible) or "batch" (top-k*batch |u|)."""
 
     def validate(self) -> None:
         super().validate()

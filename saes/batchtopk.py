@@ -76,7 +76,8 @@ class BatchTopKSAE(SAE):
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
         threshold = tensors.get("threshold")
         if threshold is None:
-            raise ValueError(f"{self.architecture} checkpoint has no `threshold` tensor: it was not saved by this class.")
+            raise ValueError(f"{self.architecture} checkpoint has no `threshold` tensor: "
+                             "it was not saved by this class.")
         if threshold.numel() > 1 and not bool((threshold == threshold.flatten()[0]).all()):
             raise ValueError("BatchTopK needs one threshold for every latent; this checkpoint has per-latent "
                              "thresholds: load it as architecture='jumprelu'.")

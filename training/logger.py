@@ -15,13 +15,18 @@ class RunLogger:
 
     def __init__(self, folders: dict[str, Path], config: dict, *, wandb_mode: str = "offline", project: str = "saewb",
                  run_name: str = "run", wandb_dir: Path | None = None, resume_id: str | None = None,
-                 append: bool = False):
+                 resume_step: int | None = None):
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}.")
         self.files = {}
         for name, folder in folders.items():
             folder.mkdir(parents=True, exist_ok=True)
-            self.files[name] = open(folder / "metrics.jsonl", "a" if append else "w")
+            path = folder / "metrics.jsonl"
+            kept = []
+            if resume_step is not None and path.is_file():  # drop lines logged after the checkpoint we resume from
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < resume_step]
+            self.files[name] = open(path, "w")
+            self.files[name].writelines(line + "\n" for line in kept)
         self.prefix = len(folders) > 1
         self.run = None
         if wandb_mode != "off":

@@ -262,7 +262,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     logger = RunLogger(folders if main else {}, config, wandb_mode=cfg.wandb if main else "off",
                        project=cfg.wandb_project, run_name=run_dir.name, wandb_dir=run_dir,
                        resume_id=wandb_id_file.read_text().strip() if resumed_from and wandb_id_file.is_file() else None,
-                       append=resumed_from is not None)
+                       resume_step=trainer.step if resumed_from else None)
     if main and logger.wandb_id:
         wandb_id_file.write_text(logger.wandb_id)
     bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",

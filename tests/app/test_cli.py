@@ -44,8 +44,8 @@ def test_demo_on_tiny_model_leaves_a_saelens_run_folder(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["cache", "--model", "tiny", "--hooks", "blocks.0.hook_resid_pots"], "Did you mean"),
     (["cache", "--model", "tiny", "--hooks", "blocks.9.hook_resid_post"], "out of range"),
-    (["train", "--cache.model", "tiny", "--architecture", "nope"], "registered architectures: "),
-    (["train", "--cache.model", "tiny", "--cache.hooks", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post"],
+    (["train", "--cache.model", "tiny", "--architectures", "nope"], "registered architectures: "),
+    (["train", "--cache.model", "tiny", "--cache.hooks", "blocks.0.hook_resid_post", "--hooks", "blocks.1.hook_resid_post"],
      "not among"),
     (["cache", "--model", "tiny", "--tokens", "0"], "must be positive"),
 ])

@@ -94,7 +94,8 @@ def test_signed_auxk_by_hand():
     pre = torch.tensor([[5.0, 5.0, -2.0], [5.0, 5.0, 0.5]])
     residual = torch.tensor([[-2.0, -1.0], [1.0, 0.0]])
     dead = torch.tensor([False, False, True])
-    num = ((residual[0] - torch.tensor([-2.0, -2.0])) ** 2).sum() + ((residual[1] - torch.tensor([0.5, 0.5])) ** 2).sum()
+    aux_hat = torch.tensor([[-2.0, -2.0], [0.5, 0.5]])  # token 0: -2 * d_2; token 1: 0.5 * d_2
+    num = ((residual - aux_hat) ** 2).sum()
     den = ((residual - residual.mean(0)) ** 2).sum()
     torch.testing.assert_close(ops.auxk_loss(pre, residual, W_dec, dead, 1, signed=True), num / den)
     unsigned = ops.auxk_loss(pre, residual, W_dec, dead, 1)  # the ReLU'd version drops the -2
@@ -121,7 +122,8 @@ def test_one_latent_carries_both_poles_of_an_axis():
 
     def batches():
         while True:
-            c = (1 + torch.rand(256, 1, generator=generator)) * torch.randint(0, 2, (256, 1), generator=generator).mul(2).sub(1)
+            sign = torch.randint(0, 2, (256, 1), generator=generator) * 2 - 1
+            c = (1 + torch.rand(256, 1, generator=generator)) * sign
             yield c * g + 0.01 * torch.randn(256, 8, generator=generator)
 
     sae = build_sae("abstopk", d_in=8, d_sae=4, k=1, selection="per_token")

@@ -154,7 +154,7 @@ def held_out_codes(sae):
 
 # Observed over 3 seeds (torch CPU fp32): MC FVU 0.076-0.082, cosine 0.816-0.838, threshold-mode L0 5.88-5.94;
 # FC uniform FVU 0.205-0.214, cosine 0.861-0.895; FC zipf FVU 0.135-0.160, cosine 0.867-0.898; FC threshold-mode
-# per-latent firing rate within ±20% of the training rate for >= 97% of latents, all within ±27%.
+# per-latent firing rate within ±20% of the training rate for >= 95% of latents, all within ±35%.
 @pytest.mark.parametrize("arch, fields, max_fvu, min_cos", [
     ("mutual_choice", {"threshold_decay": 0.99}, 0.11, 0.78),
     ("feature_choice", {"capacity": "uniform"}, 0.26, 0.82),

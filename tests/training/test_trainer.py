@@ -1,0 +1,146 @@
+"""The trainer (issue 5): exact resume, many SAEs per pass, 2-process gloo equivalence, non-finite guard,
+W&B offline run, JSONL metrics."""
+import dataclasses
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import training.trainer as trainer_module
+from saes import build_sae, load_sae
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from training.run import TrainConfig, train
+from training.trainer import LoopConfig, Trainer
+from training.wandb_offline import offline_runs, read_history
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def job(cache_cfg, run_dir, **changes) -> TrainConfig:
+    base = TrainConfig(cache=cache_cfg, hooks=[HOOK], k=[8], expansion=2,
+                       batch_size=256, epochs=2, checkpoint_every=1024, wandb="off", run_dir=run_dir,
+                       loop=LoopConfig(lr=1e-3, warmup_steps=5))
+    return dataclasses.replace(base, **changes)
+
+
+def weights(folder):
+    sae = load_sae(folder)
+    return {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+def test_resume_is_bit_identical(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path, monkeypatch):
+    full = job(tiny_cache_cfg, tmp_path / "full")
+    train(full, model=tiny_model, progress=False)
+    interrupted = job(tiny_cache_cfg, tmp_path / "interrupted")
+    real_step = Trainer.train_step
+
+    def dies_at_step_9(self, batch):
+        if self.step == 9:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, model=tiny_model, progress=False)
+    assert load_checkpoint(latest_checkpoint(interrupted.run_dir))["step"] == 8  # every 1024 tokens = 4 steps
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    summary = train(interrupted, model=tiny_model, progress=False)["sae"]
+    a, b = weights(full.run_dir), weights(interrupted.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["steps"] == json.loads((full.run_dir / "summary.json").read_text())["steps"]
+    lines = (interrupted.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(summary["steps"]))
+    assert len(list_checkpoints(interrupted.run_dir)) == 2  # keep_checkpoints
+
+
+def test_many_saes_per_pass_equal_separate_runs(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path):
+    sweep = job(tiny_cache_cfg, tmp_path / "sweep", k=[4, 8], architectures=["topk"], epochs=1)
+    summaries = train(sweep, model=tiny_model, progress=False)
+    assert set(summaries) == {"topk-k4-blocks_1_hook_resid_post", "topk-k8-blocks_1_hook_resid_post"}
+    for k in (4, 8):
+        alone = job(tiny_cache_cfg, tmp_path / f"alone{k}", k=[k], epochs=1)
+        train(alone, model=tiny_model, progress=False)
+        a = weights(tmp_path / "sweep" / f"topk-k{k}-blocks_1_hook_resid_post")
+        b = weights(alone.run_dir)
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_model, tiny_cache, tiny_cache_cfg,
+                                                                         tmp_path, monkeypatch):
+    cfg = job(tiny_cache_cfg, tmp_path / "nan", epochs=1)
+    real_step = Trainer.train_step
+
+    def poisoned(self, batch):
+        if self.step == 6:
+            batch = {h: x * float("nan") for h, x in batch.items()}
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 6.*last good checkpoint is .*step_00000004"):
+        train(cfg, model=tiny_model, progress=False)
+    good = load_checkpoint(latest_checkpoint(cfg.run_dir))
+    assert all(torch.isfinite(t).all() for t in good["saes"]["sae"]["model"].values())
+
+
+def test_wandb_offline_run_and_jsonl_agree(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path):
+    cfg = job(tiny_cache_cfg, tmp_path / "wb", wandb="offline", log_every=5, epochs=1)
+    summary = train(cfg, model=tiny_model, progress=False)["sae"]
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["steps"]
+    assert {"loss", "mse", "fvu", "l0", "dead_frac", "lr", "tokens", "tokens_per_s", "data_s", "sae_s"} <= set(rows[0])
+    (run_file,) = offline_runs(cfg.run_dir)
+    config, history = read_history(run_file)
+    assert config["architectures"] == ["topk"] and config["k"] == [8]
+    logged = [row for row in history if "fvu" in row]
+    assert [row["_step"] for row in logged] == [s for s in range(1, summary["steps"] + 1)
+                                                if s % 5 == 0 or s == summary["steps"]]
+    assert logged[-1]["fvu"] == pytest.approx(rows[-1]["fvu"])
+    assert logged[-1]["per_token_l0/_type"] == "histogram"
+    assert sum(logged[-1]["per_token_l0/values"]) == cfg.batch_size  # one count per token of the step
+    assert sum(logged[-1]["log10_feature_density/values"]) == 2 * 64  # one count per latent (d_sae = 2 x 64)
+
+
+def test_schedules_warm_up_sparsity_and_anneal_k():
+    sae = build_sae("topk", d_in=8, d_sae=64, k=4)
+    sae.sparsity_coef = 2.0
+    t = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3, warmup_steps=4, sparsity_warmup_steps=4, k_anneal_steps=4), 40)
+    seen = []
+    for _ in range(5):
+        t.train_step({"x": torch.randn(32, 8)})
+        seen.append((sae.cfg.k, sae.sparsity_coef, t.states["a"].optimizer.param_groups[0]["lr"]))
+    assert [k for k, _, _ in seen] == [13, 10, 7, 4, 4]  # from min(4k, d_sae) = 16 down to 4
+    assert [c for _, c, _ in seen] == [0.5, 1.0, 1.5, 2.0, 2.0]
+    assert [lr for _, _, lr in seen] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def _gloo_worker(rank: int, world: int, init_file: str, batches: list, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sae = build_sae("topk", d_in=16, d_sae=64, k=4, aux_k=0)
+        trainer = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-2, warmup_steps=2, dead_tokens=64), len(batches))
+        half = batches[0].shape[0] // world
+        for batch in batches:
+            trainer.train_step({"x": batch[rank * half:(rank + 1) * half]})
+        if rank == 0:
+            torch.save({"state": sae.state_dict(), "counter": trainer.states["a"].counter.tokens_since_fired},
+                       result_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(128, 16, generator=generator) for _ in range(6)]
+    single = build_sae("topk", d_in=16, d_sae=64, k=4, aux_k=0)
+    trainer = Trainer({"a": (single, "x")}, LoopConfig(lr=1e-2, warmup_steps=2, dead_tokens=64), len(batches))
+    for batch in batches:
+        trainer.train_step({"x": batch})
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), batches, str(result)), nprocs=2, join=True)
+    distributed = torch.load(result)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(distributed["state"][name], value, atol=2e-6, rtol=1e-5)
+    assert torch.equal(distributed["counter"], trainer.states["a"].counter.tokens_since_fired)
