@@ -13,7 +13,7 @@ Our choices where the paper is unverified ([U] in the spec):
   the smallest activation latent j kept in a batch, then tracks the quantile that passes as many tokens as the batch
   selection keeps (Robbins-Monro, multiplicative steps). This deviates from §6.4's EMA of the kept minimum: with a
   capacity of a few tokens that minimum jumps between the latent's true firings and noise from batch to batch, and
-  its average missed the training firing rate by -35%..+40% on planted data (tracking: -20%..+20%). θ compares with
+  its average missed the training firing rate by -34%..+38% on planted data (tracking: mostly ±20%). θ compares with
   u, which folding the input scale leaves unchanged, so `fold_extra` has nothing to do;
 * aux_zipf (§6.3) is EXPERIMENTAL and its formula is our reading: AuxK over the latents whose EMA firing frequency is
   below gamma times their Zipf-expected frequency (plus any dead ones), instead of over dead latents only.
@@ -135,6 +135,7 @@ class FeatureChoiceSAE(SAE):
         self._kept_min: Tensor | None = None  # [d_sae], inf where the latent kept nothing
         self._kept: Tensor | None = None  # [d_sae], tokens each latent kept in the batch
         self._passed: Tensor | None = None  # [d_sae], tokens the current θ_j would pass in the batch
+        self._batch = 1  # tokens in that batch
         self._capacities: dict[int, Tensor] = {}
 
     def capacities(self, batch: int) -> Tensor:

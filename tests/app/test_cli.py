@@ -28,7 +28,7 @@ def test_demo_on_tiny_model_leaves_a_saelens_run_folder(tmp_path, capsys):
     assert cfg["architecture"] == "topk" and cfg["k"] == 32 and cfg["d_sae"] == 4 * cfg["d_in"] == 256
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["cache"]["model"] == "tiny" and config["architecture"] == "topk"
+    assert config["cache"]["model"] == "tiny" and config["architectures"] == ["topk"]
     summary = json.loads((run_dir / "summary.json").read_text())
     sae = load_sae(run_dir)
     x = torch.randn(5, 64)
