@@ -5,10 +5,12 @@ plus the optional Multi-TopK term FVU(4k)/8 (sparsify's `multi_topk`).
 """
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from saes import ops
-from saes.base import SAE, SAEConfig, check_k
+from saes.base import SAE, SAEConfig, SAEOutput, check_k
+from saes.sparse_topk import dead_pre_acts, sparse_topk_forward
 
 
 @dataclass
@@ -17,10 +19,14 @@ class TopKConfig(SAEConfig):
     """Active latents per token."""
     multi_topk: bool = False
     """Add FVU at 4k divided by 8 so the SAE also works at larger k (Gao et al., progressive codes)."""
+    sparse_kernel: bool = False
+    """Train with the sparse path of saes/sparse_topk.py (same math, work after the encoder scales with k)."""
 
     def validate(self) -> None:
         super().validate()
         check_k(self.k, self.d_sae)
+        if self.sparse_kernel and self.multi_topk:
+            raise ValueError("sparse_kernel does not support multi_topk: turn one of them off.")
 
 
 class TopKSAE(SAE):
@@ -30,6 +36,23 @@ class TopKSAE(SAE):
 
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         return ops.topk_codes(pre_acts, self.cfg.k)
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
+        if not (self.cfg.sparse_kernel and torch.is_grad_enabled()) or type(self).select is not TopKSAE.select:
+            return super().forward(x, dead_mask=dead_mask, grad=grad)
+        self._check_input(x)
+        x_scaled = x.to(self.W_enc.dtype) * self.input_scale
+        x_centered = x_scaled - self.b_dec
+        values, indices, pre_acts, decoded = sparse_topk_forward(x_centered, self.W_enc, self.b_enc, self.W_dec,
+                                                                 self.cfg.k)
+        x_hat_scaled = decoded + self.b_dec
+        codes = torch.zeros_like(pre_acts).scatter(-1, indices, values.detach())  # [batch, d_sae]
+        losses = {"mse": ops.mse_sum(x_scaled, x_hat_scaled)}
+        if dead_mask is not None and bool(dead_mask.any()) and self.cfg.effective_aux_k:
+            aux_pre = dead_pre_acts(pre_acts, x_centered, self.W_enc, self.b_enc, dead_mask)
+            losses.update(super().aux_losses(aux_pre, codes, x_scaled, x_hat_scaled, dead_mask))
+        metrics = {"fvu": ops.fvu(x_scaled, x_hat_scaled).detach(), "l0": (values > 0).sum(-1).float().mean()}
+        return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
 
     def saelens_extra_cfg(self) -> dict:
         """SAELens's TopK reads k from cfg.json (its default, 100, would silently change the codes)."""
