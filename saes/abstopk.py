@@ -63,6 +63,11 @@ class AbsTopKSAE(BatchTopKSAE):
                             signed=True)
         return {"auxk": self.cfg.aux_coef * aux}
 
+    def to_jumprelu(self):
+        """Refused: a JumpReLU keeps only positive codes, and SAELens has no symmetric (|u| > θ) variant."""
+        raise ValueError("AbsTopK codes are signed, so it has no JumpReLU equivalent: train with "
+                         "selection='per_token' to export it as SAELens's 'abstopk'.")
+
     def extra_tensors(self) -> dict[str, Tensor]:
         """Batch mode saves θ (a SAELens loader then refuses the folder: it has no symmetric JumpReLU);
         per-token mode saves nothing extra, which is exactly SAELens's "abstopk" layout."""

@@ -47,9 +47,9 @@ class BatchTopKSAE(SAE):
         # θ in the pre-activation space (unchanged by folding the input scale); < 0 means "not estimated yet",
         # and inference then keeps every positive pre-activation (plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
-        self.steps = 0
-        """Optimiser steps seen by `after_step` in this process (not saved: a resumed run restarts the delay)."""
-        self._batch_min: Tensor | None = None
+        # Optimiser steps seen by `after_step`; a buffer so that a trainer's state_dict resume is exact.
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._batch_min: Tensor | None = None  # this batch's smallest kept activation, consumed by after_step
 
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         if train:
@@ -61,8 +61,8 @@ class BatchTopKSAE(SAE):
     def after_step(self) -> None:
         """Renormalise the decoder, then fold this batch's smallest kept activation into the EMA of θ."""
         super().after_step()
-        self.steps += 1
-        if self._batch_min is not None and self.steps > self.cfg.threshold_start_step:
+        self.steps.add_(1)
+        if self._batch_min is not None and int(self.steps) > self.cfg.threshold_start_step:
             observed = self._batch_min.to(self.threshold.dtype)
             decay = self.cfg.threshold_decay
             self.threshold.copy_(observed if self.threshold < 0 else decay * self.threshold + (1 - decay) * observed)
@@ -98,4 +98,4 @@ class BatchTopKSAE(SAE):
             getattr(jump, name).copy_(getattr(self, name))
         theta = max(float(self.threshold), 0.0)  # θ = 0 (log θ = -inf) reproduces the ReLU of an unestimated θ
         jump.log_threshold.fill_(math.log(theta) if theta > 0 else -math.inf)
-        return jump
+        return jump.to(self.W_dec.device)

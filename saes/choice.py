@@ -206,7 +206,7 @@ class FeatureChoiceSAE(SAE):
 
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
         if "threshold" not in tensors:
-            raise ValueError(f"{self.architecture} checkpoint has no `threshold` tensor: it was not saved by this class.")
+            raise ValueError(f"{self.architecture} checkpoint has no `threshold` tensor: not saved by this class.")
         with torch.no_grad():
             self.threshold.copy_(tensors["threshold"])
 

@@ -1,4 +1,4 @@
-"""HierarchicalTopK SAE (Balagansky et al. 2025, arXiv 2505.24473, EMNLP 2025; code corl-team/flexsae), algorithms.md §5.
+"""HierarchicalTopK SAE (Balagansky et al. 2025, arXiv 2505.24473; code corl-team/flexsae), algorithms.md §5.
 
 One SAE trained across a set of budgets J ⊆ {1..K}: each token's top-K activations are sorted in descending order and
 the loss averages the reconstruction error of every prefix j ∈ J. The prefix of length k is exactly the top-k set, so
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from saes import ops
 from saes.base import SAE, SAEConfig, SAEOutput, check_k
@@ -32,6 +33,8 @@ class HierarchicalTopKConfig(SAEConfig):
     """Budgets J averaged in the loss: "all" (1..k_max), "pow2" (powers of two below k_max, plus k_max) or a list."""
     k: int | None = None
     """Budget `encode` uses at inference; None means k_max. Any k <= k_max is valid (prefix property, §5.1)."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the prefix loss, recomputed in backward: memory follows it, not the batch (0: off)."""
 
     def validate(self) -> None:
         super().validate()
@@ -41,6 +44,8 @@ class HierarchicalTopKConfig(SAEConfig):
         if not isinstance(self.budgets, str):
             if not self.budgets or any(not 0 < int(j) <= self.k_max for j in self.budgets):
                 raise ValueError(f"budgets must be a non-empty list within 1..k_max={self.k_max}, got {self.budgets}.")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0 means no chunking), got {self.loss_chunk}.")
         if self.k is not None and not 0 < self.k <= self.k_max:
             raise ValueError(f"k must satisfy 0 < k <= k_max={self.k_max} (or be None for k_max), got k={self.k}.")
 
@@ -70,6 +75,10 @@ def prefix_sq_errors(e0: Tensor, values: Tensor, rows: Tensor) -> Tensor:
     quad = (pair.diagonal(dim1=1, dim2=2) + 2 * pair.triu(1).sum(1)).cumsum(-1)  # [batch, K]
     cross = (values * corr).cumsum(-1)  # [batch, K]
     return e0.pow(2).sum(-1, keepdim=True) - 2 * cross + quad
+
+
+def _prefix_errors_of_indices(e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    return prefix_sq_errors(e0, values, W_dec[indices])  # gathers [chunk, K, d_in] rows
 
 
 class HierarchicalTopKSAE(SAE):
@@ -105,7 +114,7 @@ class HierarchicalTopKSAE(SAE):
         values, indices = self.sorted_topk(pre_acts)
         codes = torch.zeros_like(pre_acts).scatter(-1, indices, values)
         x_hat_scaled = ops.sparse_decode(indices, values, self.W_dec) + self.b_dec
-        errors = prefix_sq_errors(x_scaled - self.b_dec, values, self.W_dec[indices])  # [batch, k_max]
+        errors = self.prefix_errors(x_scaled, values, indices)  # [batch, k_max]
         budgets = torch.tensor(self.cfg.budget_list, device=errors.device) - 1
         losses = {"mse": errors[:, budgets].mean().to(x_scaled.dtype)}
         losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
@@ -118,6 +127,19 @@ class HierarchicalTopKSAE(SAE):
         }
         return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
 
+    def prefix_errors(self, x_scaled: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        """Squared error of every prefix, chunked over tokens; under autograd each chunk is recomputed in backward
+        (activation checkpointing), so the gathered decoder rows never exist for the whole batch. -> [batch, k_max]"""
+        e0 = x_scaled - self.b_dec  # [batch, d_in]
+        chunk = self.cfg.loss_chunk or e0.shape[0]
+        parts = []
+        for e, v, i in zip(e0.split(chunk), values.split(chunk), indices.split(chunk)):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_prefix_errors_of_indices, e, v, i, self.W_dec, use_reentrant=False))
+            else:
+                parts.append(_prefix_errors_of_indices(e, v, i, self.W_dec))
+        return torch.cat(parts)
+
     @staticmethod
     def _fvu_from_errors(errors: Tensor, x_scaled: Tensor) -> Tensor:
         total = (x_scaled - x_scaled.mean(0, keepdim=True)).pow(2).sum().to(errors.dtype)
@@ -129,5 +151,4 @@ class HierarchicalTopKSAE(SAE):
         self._check_input(x)
         x_scaled = x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype) * self.input_scale
         values, indices = self.sorted_topk(self.pre_acts(x_scaled))
-        errors = prefix_sq_errors(x_scaled - self.b_dec, values, self.W_dec[indices])
-        return self._fvu_from_errors(errors, x_scaled)
+        return self._fvu_from_errors(self.prefix_errors(x_scaled, values, indices), x_scaled)

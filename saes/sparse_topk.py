@@ -44,7 +44,7 @@ class SparseTopKEncode(torch.autograd.Function):
 def sparse_topk_forward(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, k: int):
     """Values [B, k], indices [B, k], detached pre_acts [B, n] and the reconstruction W_dec^T z [B, d] (no b_dec)."""
     values, indices, pre_acts = SparseTopKEncode.apply(x_centered, W_enc, b_enc, k)
-    decoded = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    decoded = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
     return values, indices, pre_acts, decoded
 
 

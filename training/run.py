@@ -199,7 +199,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
         from training.model import load_model
 
         model = model or load_model(cfg.cache.model, device=cfg.cache.device, dtype=cfg.cache.dtype)
-        first = next(model_batches(model, cfg.cache, hooks, 4096, seed=cfg.seed, grads=False))
+        first = next(model_batches(model, cfg.cache, hooks, cfg.batch_size, seed=cfg.seed, grads=False), None)
+        if first is None:
+            raise ValueError(f"--cache.tokens {cfg.cache.tokens} gives no full batch of {cfg.batch_size}: raise it.")
         sample = {h: first[h] for h in hooks}
         d_ins = {h: sample[h].shape[1] for h in hooks}
         scales = {h: d_ins[h] ** 0.5 / sample[h].norm(dim=-1).mean().item() for h in hooks}
@@ -217,7 +219,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
         make_batches = lambda: cache_batches(cache, hooks, per_rank, seed=cfg.seed + dist.rank(), shards=my_shards,  # noqa: E731
                                              epochs=cfg.epochs, grads=needs_grads)
     else:
-        steps = cfg.cache.n_contexts * cfg.cache.context_length // cfg.batch_size
+        # an estimate (BOS excluded; EOS and outliers are not known ahead): the loop also stops when data runs out
+        steps = cfg.cache.n_contexts * (cfg.cache.context_length - 1) // cfg.batch_size
         make_batches = lambda: model_batches(model, cfg.cache, hooks, per_rank, seed=cfg.seed, grads=needs_grads)  # noqa: E731
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
     if steps <= 0:
@@ -274,7 +277,9 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     try:
         while trainer.step < steps:
             tick = time.perf_counter()
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                break
             data_seconds += time.perf_counter() - tick
             records = trainer.train_step(batch)
             window += cfg.batch_size // dist.world_size()

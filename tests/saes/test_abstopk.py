@@ -112,6 +112,8 @@ def test_negative_only_latents_count_as_firing_and_signed_is_refused():
     assert not counter.dead_mask[0] and counter.dead_mask[1]  # "fires" means z != 0
     with pytest.raises(ValueError, match="signed"):
         require_nonnegative(abstopk(), "feature density histogram")
+    with pytest.raises(ValueError, match="selection='per_token'"):
+        abstopk().to_jumprelu()
 
 
 def test_one_latent_carries_both_poles_of_an_axis():

@@ -115,3 +115,17 @@ def test_planted_recovery_and_threshold_l0():
     codes = sae.encode(held_out)
     assert abs((codes != 0).sum(-1).float().mean().item() - 6) < 0.15 * 6  # §3.1 test 3: within ±15% of k
     assert ops.fvu(held_out, sae.decode(codes)) < 0.13  # seen 0.081-0.085
+
+
+def test_state_dict_carries_threshold_and_step_count():
+    sae = btk(threshold_start_step=2)
+    x = torch.randn(32, 16)
+    for _ in range(2):
+        sae(x)
+        sae.after_step()
+    resumed = btk(threshold_start_step=2)
+    resumed.load_state_dict(sae.state_dict())
+    for model in (sae, resumed):
+        model(x)
+        model.after_step()  # step 3 > threshold_start_step: both estimate θ now
+    assert resumed.threshold.item() == sae.threshold.item() > 0

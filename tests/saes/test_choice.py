@@ -85,7 +85,7 @@ def test_threshold_tracker_and_per_token_inference():
     torch.testing.assert_close(sae.threshold, torch.tensor([3.0, 2.0, -1.0]))
     sae.select(pre, train=True, x_scaled=x, grad=None)
     sae.after_step()  # u > θ is strict, so each θ passes 0 tokens where 1 was kept: error -1/2, θ falls
-    torch.testing.assert_close(sae.threshold, torch.tensor([3.0, 2.0, -1.0]) * torch.tensor([math.exp(-0.05)] * 2 + [1.0]))
+    torch.testing.assert_close(sae.threshold, torch.tensor([3.0 * math.exp(-0.05), 2.0 * math.exp(-0.05), -1.0]))
     sae.threshold[0] = 0.8  # passes 3 tokens, kept 1: error (3-1)/2 = 1
     sae.select(pre, train=True, x_scaled=x, grad=None)
     sae.after_step()

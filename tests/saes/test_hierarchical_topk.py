@@ -1,4 +1,6 @@
 """HierarchicalTopK identities of algorithms.md §5.7: prefix property, J = {K} is TopK, Gram loss == brute force."""
+import copy
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def test_budget_sets_and_validation():
     assert make(k_max=8).cfg.budget_list == list(range(1, 9))
     assert make(k_max=12, budgets="pow2").cfg.budget_list == [1, 2, 4, 8, 12]
     assert make(budgets=[8, 2, 2]).cfg.budget_list == [2, 8]
-    for bad in ({"budgets": [0, 3]}, {"budgets": [9]}, {"budgets": "some"}, {"k": 9}, {"k_max": 49}):
+    for bad in ({"budgets": [0, 3]}, {"budgets": [9]}, {"budgets": "some"}, {"k": 9}, {"k_max": 49}, {"loss_chunk": -1}):
         with pytest.raises(ValueError):
             make(**bad)
 
@@ -46,6 +48,21 @@ def test_gram_loss_matches_brute_force_values_and_gradients(budgets):
     torch.testing.assert_close(out.losses["mse"], ref_loss, rtol=1e-4, atol=1e-4)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_checkpointed_loss_matches_one_chunk():
+    """§5.7.3/5: chunks of 7 tokens (recomputed in backward) give the same loss and gradients as one chunk."""
+    chunked = make(loss_chunk=7)
+    whole = copy.deepcopy(chunked)
+    whole.cfg.loss_chunk = 0
+    x = torch.randn(50, 12)
+    losses = [sae(x).losses["mse"] for sae in (chunked, whole)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for sae, loss in zip((chunked, whole), losses):
+        loss.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(chunked, name).grad, getattr(whole, name).grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.fvu_curve(x), whole.fvu_curve(x))
 
 
 def test_prefix_reconstruction_equals_topk():

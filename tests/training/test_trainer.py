@@ -144,3 +144,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for name, value in single.state_dict().items():
         torch.testing.assert_close(distributed["state"][name], value, atol=2e-6, rtol=1e-5)
     assert torch.equal(distributed["counter"], trainer.states["a"].counter.tokens_since_fired)
+
+
+def test_on_the_fly_source_trains_through_the_same_interface(tiny_model, tiny_cache_cfg, tmp_path):
+    cfg = job(tiny_cache_cfg, tmp_path / "live", source="model", epochs=1, checkpoint_every=0,
+              cache=dataclasses.replace(tiny_cache_cfg, tokens=4096, out=None))
+    summary = train(cfg, model=tiny_model, progress=False)["sae"]
+    assert 10 <= summary["steps"] <= 4096 // 256  # fewer than 16: special tokens are masked out
+    assert not (tiny_cache_cfg.out.parent / "live").exists() and "fvu" not in summary  # nothing cached
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
+    assert load_sae(cfg.run_dir).cfg.hook_name == HOOK
