@@ -9,7 +9,8 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Union
 
 import tyro
 
@@ -82,32 +83,40 @@ def run_demo(cfg: DemoConfig) -> None:
     run_train(train_cfg)
 
 
-COMMANDS = {
-    "cache": Annotated[CacheConfig, tyro.conf.subcommand(
-        "cache", description="Cache activations of a model at one or more hooks (content-addressed, resumable).")],
-    "train": Annotated[TrainConfig, tyro.conf.subcommand(
-        "train", description="Train an SAE on cached activations (caching them first when missing).")],
-    "demo": Annotated[DemoConfig, tyro.conf.subcommand(
-        "demo", description="The first vertical slice on the embedded model: cache, train TopK, report FVU and L0.")],
+# name -> (typed config, handler, one-line description). Adding a command is one entry here.
+COMMANDS: dict[str, tuple[type, Callable, str]] = {
+    "cache": (CacheConfig, run_cache, "Cache activations of a model at one or more hooks (content-addressed, resumable)."),
+    "train": (TrainConfig, run_train, "Train SAEs on cached activations (caching them first when missing); several "
+                                      "architectures, k values and hooks train on the same batches."),
+    "demo": (DemoConfig, run_demo, "The first vertical slice on the embedded model: cache, train TopK, report FVU and L0."),
 }
+
+
+def model_of(cfg) -> str | None:
+    """The model a command will load, if any (to keep local models off the hub)."""
+    if hasattr(cfg, "cache") and isinstance(cfg.cache, CacheConfig):
+        return cfg.cache.model
+    return getattr(cfg, "model", None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    subcommands = [Annotated[config, tyro.conf.subcommand(name, description=text)]
+                   for name, (config, _, text) in COMMANDS.items()]
     cfg = tyro.cli(
-        COMMANDS["cache"] | COMMANDS["train"] | COMMANDS["demo"],  # type: ignore[operator]
+        Union[tuple(subcommands)],  # type: ignore[valid-type]
         args=args, prog="saewb",
         description="SAE workbench: cache activations, train SAEs, and (next) evaluate, browse, steer, find circuits.",
     )
-    model = cfg.model if isinstance(cfg, (CacheConfig, DemoConfig)) else cfg.cache.model
     from training.model import is_local
 
-    if is_local(model):
+    model = model_of(cfg)
+    if model is not None and is_local(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    handlers = {CacheConfig: run_cache, TrainConfig: run_train, DemoConfig: run_demo}
+    handler = next(handler for config, handler, _ in COMMANDS.values() if type(cfg) is config)
     try:
-        handlers[type(cfg)](cfg)
+        handler(cfg)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:  # user-fixable: one sentence
         print(f"saewb: error: {error}", file=sys.stderr)
         return 1
