@@ -73,3 +73,8 @@ def min_over_ranks(value: int) -> int:
     tensor = torch.tensor([value])
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()

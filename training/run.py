@@ -179,18 +179,25 @@ def prepare_run_dir(cfg: TrainConfig, config: dict) -> str:
 
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict]:
     """Run the job; returns {sae name: summary}. Skips work a previous run of the same job already did."""
+    dist.init_from_env(cfg.cache.device)
     cfg.validate()
     config = config_json(cfg)
     status = prepare_run_dir(cfg, config)
     folders = sae_folders(cfg)
     if status == "done":
         return {name: json.loads((f / "summary.json").read_text()) | {"skipped": True} for name, f in folders.items()}
-    dist.init_from_env(cfg.cache.device)
     hooks = cfg.train_hooks
     if cfg.source == "cache":
+        if not dist.is_main():
+            dist.barrier()  # rank 0 writes the cache; the others then find it finished
         cache_dir = cache_activations(cfg.cache, model=model, progress=progress and dist.is_main())
+        if dist.is_main():
+            dist.barrier()
         cache = ActivationCache(cache_dir)
         train_ids, eval_ids, held_out = split_shards(cache, cfg.holdout_shards)
+        if len(train_ids) < dist.world_size():
+            raise ValueError(f"The cache has {len(train_ids)} training shard(s) for {dist.world_size()} ranks; every "
+                             "rank needs its own: lower --cache.shard-tokens or cache more --cache.tokens.")
         scales = {h: cache.stats(h)["dataset_scalar"] for h in hooks}
         d_ins = {h: cache.d_in(h) for h in hooks}
         sample = {h: cache.shard_tokens(train_ids[0], h)[:4096] for h in hooks}
@@ -268,7 +275,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                        resume_step=trainer.step if resumed_from else None)
     if main and logger.wandb_id:
         wandb_id_file.write_text(logger.wandb_id)
-    bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",
+    bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train", mininterval=0.5,
                disable=not (progress and main), dynamic_ncols=True)
     next_checkpoint = trainer.tokens + cfg.checkpoint_every if cfg.checkpoint_every else None
     fired = {name: torch.zeros(s.sae.cfg.d_sae) for name, s in trainer.states.items()}
