@@ -275,8 +275,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                        resume_step=trainer.step if resumed_from else None)
     if main and logger.wandb_id:
         wandb_id_file.write_text(logger.wandb_id)
-    bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train", mininterval=0.5,
-               disable=not (progress and main), dynamic_ncols=True)
+    bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",
+               mininterval=0.5, disable=not (progress and main), dynamic_ncols=True)
     next_checkpoint = trainer.tokens + cfg.checkpoint_every if cfg.checkpoint_every else None
     fired = {name: torch.zeros(s.sae.cfg.d_sae) for name, s in trainer.states.items()}
     window = 0
