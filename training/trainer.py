@@ -114,6 +114,8 @@ class Trainer:
         self.tokens = 0
         self.states = {name: SAEState(name, sae, hook, cfg, total_steps) for name, (sae, hook) in saes.items()}
         device = next(iter(self.states.values())).sae.W_dec.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
         use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
         self.timings = {"sae_seconds": 0.0}

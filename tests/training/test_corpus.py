@@ -1,11 +1,12 @@
 """Corpus reading and the BOS convention (training/corpus.py)."""
+import json
 import struct
 import zlib
 
 import pytest
 import torch
 
-from training.corpus import bos_eos, iter_contexts, lines_to_text, read_r_strings, token_contexts
+from training.corpus import bos_eos, iter_contexts, iter_texts, lines_to_text, read_r_strings, token_contexts
 
 
 def r_record(strings: list[str]) -> bytes:
@@ -67,3 +68,24 @@ def test_text_pieces_cut_at_paragraphs_and_lose_nothing():
     pieces = list(text_pieces(text, size=300))
     assert "".join(pieces) == text and len(pieces) > 5
     assert all(piece.endswith("\n\n") for piece in pieces[:-1])
+
+
+def test_local_jsonl_and_parquet_corpora(tiny_model, tmp_path):
+    import datasets
+
+    rows = [{"body": "First document about Bath."}, {"body": "Second one, about Pemberley."}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "docs.parquet"))
+    for name in ("docs.jsonl", "docs.parquet"):
+        texts = list(iter_texts(str(tmp_path / name), "body"))
+        assert texts == [r["body"] for r in rows]
+    with pytest.raises(ValueError, match="no column 'text'"):
+        token_contexts(tiny_model.tokenizer, str(tmp_path / "docs.jsonl"), 4, 1)
+
+
+def test_unknown_model_is_one_clear_sentence(monkeypatch):
+    from training.model import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Could not load model 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model")
