@@ -111,16 +111,7 @@ def with_gradients(planted, batch_size, seed=0, n_classes=8):
         yield x.detach(), grad
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: two threads on a shared 2-core machine are ~10x slower than one (spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_planted_recovery(one_thread):
+def test_planted_recovery():
     # Measured on seeds 3-5: train FVU 0.091-0.095, inference (plain TopK) FVU 0.086-0.096, cosine 0.930-0.935.
     planted = make_planted(d=32, n_true=96, mean_active=4, seed=3)
     sae = build_sae("gradient_topk", d_in=32, d_sae=192, k=6, beta=1.0)
