@@ -70,7 +70,7 @@ def run_train(cfg: TrainConfig) -> None:
         done = "Already trained; " if summary.get("skipped") else ""
         print(f"{done}SAE {summary['architecture']} saved in {folders[name]} (SAELens layout: cfg.json + "
               "sae_weights.safetensors)")
-        rate = summary["train_tokens"] / max(summary["sae_seconds"], 1e-9)
+        rate = summary["train_tokens"] / max(summary["this_sae_seconds"], 1e-9)
         if "fvu" in summary:
             print(f"  FVU {summary['fvu']:.4f} on {summary['eval_split']}, L0 {summary['l0']:.2f}, never-fired "
                   f"latents {100 * summary['never_fired_frac']:.1f}% over {summary['eval_tokens']} tokens; "

@@ -124,7 +124,8 @@ def build_job_sae(cfg: TrainConfig, spec: dict, d_in: int, input_scale: float, m
     names = {f.name for f in dataclasses.fields(config_cls)}
     fields = {"d_in": d_in, "d_sae": cfg.expansion * d_in, "hook_name": spec["hook"], "model_name": cfg.cache.model,
               "input_scale": input_scale if cfg.input_norm == "dataset_scalar" else 1.0, "k": spec["k"],
-              "metadata": metadata, **{k: parse_option(v) for k, v in cfg.sae_options.items()}}
+              "k_max": spec["k"], "metadata": metadata,
+              **{k: parse_option(v) for k, v in cfg.sae_options.items()}}
     return build_sae(spec["architecture"], seed=cfg.seed, **{k: v for k, v in fields.items() if k in names})
 
 
@@ -233,6 +234,9 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
     if steps <= 0:
         raise ValueError(f"Not enough tokens for one batch of {cfg.batch_size}: cache more --cache.tokens or lower "
                          "--batch-size.")
+    for sae, _ in saes.values():  # threshold EMAs must start within the run, or inference never gets a threshold
+        if hasattr(sae.cfg, "threshold_start_step") and "threshold_start_step" not in cfg.sae_options:
+            sae.cfg.threshold_start_step = min(sae.cfg.threshold_start_step, steps // 5)
     trainer = Trainer(saes, cfg.loop, steps)
     resumed_from = None
     if status == "resume":
@@ -245,7 +249,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
             folder = folders[name]
             save_sae(sae, folder)
             summary = {"architecture": sae.architecture, "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-                       "steps": trainer.step, "train_tokens": trainer.tokens, **trainer.timings}
+                       "steps": trainer.step, "train_tokens": trainer.tokens, **trainer.timings,
+                       "this_sae_seconds": trainer.states[name].seconds}
             if cfg.source == "cache":
                 summary |= evaluate(load_sae(folder), cache, hook, eval_ids)
                 summary["eval_split"] = "held-out shards" if held_out else "training data (single-shard cache)"

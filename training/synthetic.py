@@ -63,3 +63,17 @@ def mean_best_cosine(W_dec: Tensor, directions: Tensor) -> float:
 
 def fraction_recovered(W_dec: Tensor, directions: Tensor, threshold: float = 0.9) -> float:
     return (best_cosines(W_dec.detach().float(), directions.float()) > threshold).float().mean().item()
+
+
+def with_gradients(planted: PlantedDictionary, batch_size: int, seed: int = 0, n_classes: int = 8):
+    """(x, grad) batches: grad is the gradient of a cross-entropy through a fixed readout along 8 planted
+    directions, so it varies per token and singles out the latents that matter to the 'downstream' loss."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    pick = torch.randperm(len(planted.directions), generator=generator)[:n_classes]
+    readout = 3.0 * planted.directions[pick]  # [n_classes, d]
+    for x in planted.batches(batch_size, seed):
+        labels = torch.randint(0, n_classes, (batch_size,), generator=generator)
+        x.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(x @ readout.T, labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+        yield x.detach(), grad

@@ -104,6 +104,7 @@ class SAEState:
         self.target_k = getattr(sae.cfg, "k", None)
         self.target_sparsity = getattr(sae, "sparsity_coef", None)
         self.forward = torch.compile(sae) if cfg.compile else sae
+        self.seconds = 0.0  # time spent in this SAE's steps (its share of a multi-SAE pass)
 
 
 class Trainer:
@@ -138,6 +139,7 @@ class Trainer:
         records = {}
         n_tokens = 0
         for name, state in self.states.items():
+            state_started = time.perf_counter()
             x, grad = as_pair(batch[state.hook])
             n_tokens = x.shape[0]
             self._schedule(state)
@@ -164,6 +166,7 @@ class Trainer:
                 "lr": state.optimizer.param_groups[0]["lr"],
             }
             records[name]["_codes"] = codes  # for histograms; dropped before writing
+            state.seconds += time.perf_counter() - state_started
         self.step += 1
         self.tokens += n_tokens * dist.world_size()
         for record in records.values():

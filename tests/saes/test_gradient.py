@@ -5,7 +5,7 @@ import torch
 
 from saes import build_sae, load_sae, save_sae
 from saes.gradient import GRAD_NORMALISATIONS
-from training.synthetic import make_planted, mean_best_cosine
+from training.synthetic import make_planted, mean_best_cosine, with_gradients
 from training.trainer import LoopConfig, train_sae
 
 
@@ -95,20 +95,6 @@ def test_save_load_round_trip(tmp_path, mode):
         assert torch.equal(loaded(x, grad=grad).codes != 0, sae(x, grad=grad).codes != 0)
         torch.testing.assert_close(loaded(x, grad=grad).x_hat, sae(x, grad=grad).x_hat, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
-
-
-def with_gradients(planted, batch_size, seed=0, n_classes=8):
-    """(x, grad) batches: grad is the gradient of a cross-entropy through a fixed readout along 8 planted
-    directions, so it varies per token and singles out the latents that matter to the 'downstream' loss."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    pick = torch.randperm(len(planted.directions), generator=generator)[:n_classes]
-    readout = 3.0 * planted.directions[pick]  # [n_classes, d]
-    for x in planted.batches(batch_size, seed):
-        labels = torch.randint(0, n_classes, (batch_size,), generator=generator)
-        x.requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(x @ readout.T, labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-        yield x.detach(), grad
 
 
 def test_planted_recovery():
