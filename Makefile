@@ -27,7 +27,13 @@ demo: $(STAMP)
 	$(VENV)/bin/saewb demo
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q
+
+# The workbench app on the runs folder (RUNS=... to pick another): http://127.0.0.1:8501
+RUNS ?= runs
+app: $(STAMP)
+	$(VENV)/bin/saewb app $(RUNS)
 
 bench: $(STAMP)
 	$(PY) bench/cache_throughput.py

@@ -14,6 +14,9 @@ from typing import Annotated, Union
 
 import tyro
 
+from analysis.circuit_graph import CircuitsConfig
+from analysis.eval_compare import EvalConfig
+from analysis.features import FeaturesConfig, run_features
 from training.caching import CacheConfig
 from training.run import TrainConfig
 
@@ -77,6 +80,45 @@ def run_train(cfg: TrainConfig) -> None:
                   f"trained {summary['train_tokens']} tokens ({rate:.0f} tok/s in SAE steps)")
 
 
+def run_eval(cfg: EvalConfig) -> None:
+    from analysis.eval_compare import run_eval as evaluate_runs
+
+    evaluate_runs(cfg)
+
+
+@dataclass
+class AppConfig:
+    """Start the workbench app (Streamlit) on a folder of runs; open the printed address in a browser."""
+
+    runs_dir: tyro.conf.Positional[Path] = Path("runs")
+    """Folder searched for run folders (cfg.json + sae_weights.safetensors)."""
+    port: int = 8501
+    """Port to listen on (127.0.0.1 only)."""
+
+
+def app_command(cfg: AppConfig) -> list[str]:
+    script = Path(__file__).resolve().parent / "streamlit_app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
+            "--server.address", "127.0.0.1", "--server.port", str(cfg.port), "--browser.gatherUsageStats", "false",
+            "--", str(cfg.runs_dir)]
+
+
+def run_app(cfg: AppConfig) -> None:
+    import subprocess
+
+    if not cfg.runs_dir.is_dir():
+        raise ValueError(f"{cfg.runs_dir} is not a folder: pass the folder holding your runs (e.g. runs).")
+    print(f"saewb app on http://127.0.0.1:{cfg.port} for runs under {cfg.runs_dir} (Ctrl-C to stop)")
+    env = os.environ | {"SAEWB_RUNS_DIR": str(cfg.runs_dir.resolve())}
+    subprocess.run(app_command(cfg), check=False, env=env)
+
+
+def run_circuits(cfg: CircuitsConfig) -> None:
+    from analysis.circuit_graph import run_circuits as find_circuit
+
+    find_circuit(cfg)
+
+
 def run_demo(cfg: DemoConfig) -> None:
     train_cfg = cfg.train_config(n_layers_of(cfg.model))
     print(f"Demo: {cfg.model}, hook {train_cfg.cache.hooks[0]}, {cfg.tokens} tokens, TopK SAE 4x k=32 -> {cfg.run_dir}")
@@ -88,7 +130,14 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (CacheConfig, run_cache, "Cache activations of a model at one or more hooks (content-addressed, resumable)."),
     "train": (TrainConfig, run_train, "Train SAEs on cached activations (caching them first when missing); several "
                                       "architectures, k values and hooks train on the same batches."),
+    "eval": (EvalConfig, run_eval, "Evaluate trained SAEs (FVU, L0, dead latents, CE loss recovered, delta LM loss, "
+                                   "budget curves) and compare runs in a table and plots."),
     "demo": (DemoConfig, run_demo, "The first vertical slice on the embedded model: cache, train TopK, report FVU and L0."),
+    "features": (FeaturesConfig, run_features, "Build a run's feature store (top contexts, quantile samples, "
+                                               "histograms, density, logit lens, neighbours) in RUN_DIR/features."),
+    "circuits": (CircuitsConfig, run_circuits, "Find a sparse feature circuit for a task (ioi, "
+                 "greater_than, sva) with a run's SAE: RUN_DIR/circuits/graph.json + a layered figure."),
+    "app": (AppConfig, run_app, "Start the Streamlit workbench (runs, feature browser, live text) on RUNS_DIR."),
 }
 
 

@@ -1,14 +1,36 @@
-"""The variants benchmark keeps running: one row per registered architecture on both data sets."""
+"""bench/variants.py on a very small setting (a few steps): one row per registered architecture, finite numbers on
+both data sets, and the markdown table written. Keeps the benchmark from rotting when a variant is added."""
+import json
 import math
 
-from bench.variants import main
+import torch
+
+from bench import variants
 from saes import ARCHITECTURES
 
 
-def test_variants_bench_small(tmp_path):
-    report = main(["--steps", "20", "--tokens", "8192", "--epochs", "1", "--batch", "256", "--out", str(tmp_path)])
-    for data in ("synthetic", "tiny blocks.1.hook_resid_post"):
-        rows = [r for r in report["rows"] if r["data"] == data]
-        assert sorted(r["architecture"] for r in rows) == sorted(ARCHITECTURES)
-        assert all(math.isfinite(r["fvu"]) and r["l0"] >= 0 and r["tokens_per_s"] > 0 for r in rows)
-    assert (tmp_path / "variants.md").read_text().count("\n| ") >= 2 * len(ARCHITECTURES)
+def test_every_variant_runs_on_both_data_sets(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = variants.main([
+            "--syn-steps", "3", "--model-steps", "3", "--syn-d", "16", "--syn-n-true", "32", "--syn-d-sae", "64",
+            "--syn-k", "4", "--syn-eval-tokens", "1024", "--batch-size", "64", "--model", "tiny",
+            "--cache-tokens", "2048", "--shard-tokens", "512", "--context-length", "64", "--model-k", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "results"), "--quiet",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "results" / "variants.json").read_text())
+    assert saved["architectures"] == list(ARCHITECTURES) == report["architectures"]
+    assert "cpu" in saved["machine"] and saved["settings"]["batch_size"] == 64
+    for data, keys in (("synthetic", ("fvu", "l0", "dead_pct", "tokens_per_s", "mean_best_cosine", "frac_recovered")),
+                       ("model", ("fvu", "l0", "dead_pct", "tokens_per_s"))):
+        rows = saved[data]["rows"]
+        assert sorted(rows) == sorted(ARCHITECTURES)
+        for arch, row in rows.items():
+            assert row["train_tokens"] == 3 * 64, (data, arch)
+            for key in keys:
+                assert isinstance(row[key], float) and math.isfinite(row[key]), (data, arch, key, row[key])
+            assert row["l0"] > 0 and 0 <= row["dead_pct"] <= 100
+    table = (tmp_path / "results" / "variants.md").read_text()
+    assert all(f"| {arch} |" in table for arch in ARCHITECTURES)

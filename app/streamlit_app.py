@@ -1,0 +1,24 @@
+"""The saewb workbench app. Start it with `saewb app RUNS_DIR` (or `make app`); the runs folder comes from the
+first argument after `--`, else $SAEWB_RUNS_DIR, else ./runs."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import common  # noqa: E402
+
+st.set_page_config(page_title="saewb", layout="wide")
+pages = [
+    st.Page("views/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
+    st.Page("views/feature.py", title="Feature", icon=":material/lightbulb:", url_path="feature"),
+    st.Page("views/live.py", title="Live", icon=":material/edit_note:", url_path="live"),
+    st.Page("views/steering.py", title="Steering", icon=":material/alt_route:", url_path="steering"),
+    st.Page("views/circuits.py", title="Circuits", icon=":material/account_tree:", url_path="circuits"),
+]
+page = st.navigation(pages)
+common.sidebar()
+page.run()
