@@ -1,0 +1,341 @@
+"""Sparse feature circuits (Marks et al. 2024; algorithms.md §10.2) with SAEs at one or more hooks.
+
+Nodes: the latents of each SAE (summed over positions) and one error node per hook and position, eps = h - x_hat,
+so h = decode(z) + eps exactly and splicing changes nothing. Metric m: the task's logit difference (analysis/tasks.py).
+
+Everything is written against a *runner*: `run(replace) -> m [batch]`, which runs the network on the clean input
+with the activation of each hook in `replace` ([batch, seq, d], trailing head dims flattened) passed through
+`replace[hook]`. `lm_runner` makes one for a TransformerLens model; tests use hand-built linear ones.
+
+Because decode is affine, a node's gradient is the hook gradient projected: dm/dz_i = g . d_i (decoder row in raw
+space), dm/deps = g, where g = dm/dh with everything downstream recomputed. Hence
+- attribution patching: IE(z_i) = (g_clean . d_i) (z_i,patch - z_i,clean); IE(eps_p) = g_clean[p] . (eps_patch - eps_clean)[p];
+- integrated gradients (S steps, alpha_s = s/S, one hook at a time): interpolating every node of a hook is
+  interpolating h itself, h_alpha = (1 - alpha) h_clean + alpha h_patch, so g is averaged over those states;
+- exact patching: m with h + (dz_i) d_i minus m clean (validation).
+Deviation from SFC: downstream error nodes are recomputed (not frozen) in attribution patching, which makes AtP, IG
+and exact patching agree exactly when m is linear. Signed SAEs (negative codes) need nothing special here.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from analysis.tasks import TaskData, task_metric
+from saes.base import SAE
+
+Replace = dict[str, Callable[[Tensor], Tensor]]
+Runner = Callable[..., Tensor]  # run(replace, stop_at=None) -> m [batch]
+
+
+class CircuitError(ValueError):
+    """Bad circuit input; the message says how to fix it."""
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward early (edges only need the model up to the downstream hook)."""
+
+
+def lm_runner(model, tokens: Tensor, task: TaskData) -> Runner:
+    """run(replace, stop_at=None): the task metric [batch] of `model` on `tokens` with hook activations replaced."""
+
+    def run(replace: Replace, stop_at: str | None = None) -> Tensor:
+        def wrap(fn, hook_name):
+            def hook_fn(activation: Tensor, hook) -> Tensor:
+                shape = activation.shape
+                new = fn(activation.reshape(*shape[:2], -1))  # [batch, seq, d]
+                if hook_name == stop_at:
+                    raise _Stop
+                return new.reshape(shape).to(activation.dtype)
+            return hook_fn
+
+        with model.hooks(fwd_hooks=[(hook, wrap(fn, hook)) for hook, fn in replace.items()]):
+            return task_metric(model(tokens), task)
+
+    return run
+
+
+def check_hooks(model, saes: dict[str, SAE]) -> list[str]:
+    """The SAE hooks in the model's forward order, or a CircuitError naming the missing ones."""
+    if not saes:
+        raise CircuitError("No SAE given: pass a dict hook -> SAE with at least one entry.")
+    names = list(model.hook_dict)
+    missing = [hook for hook in saes if hook not in model.hook_dict]
+    if missing:
+        raise CircuitError(f"The model has no hook {', '.join(map(repr, missing))}: use SAEs trained on this model "
+                           f"(their cfg.json hook_name), e.g. hooks like {names[len(names) // 2]!r}.")
+    return sorted(saes, key=names.index)
+
+
+def decoder(sae: SAE) -> Tensor:
+    """Decoder rows in raw activation space: [d_sae, d_in]."""
+    return (sae.W_dec / sae.input_scale).detach().float()
+
+
+@torch.no_grad()
+def node_states(sae: SAE, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes [batch, seq, d_sae] and error nodes [batch, seq, d_in] of activations h [batch, seq, d_in]."""
+    codes = sae.encode(h).float()
+    return codes, h.float() - sae.decode(codes).float()
+
+
+def capture(run: Runner, hooks: list[str], replace: Replace | None = None, grad: bool = True
+            ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """m [batch], the activations at `hooks` and (grad=True) dm/dh at each, everything downstream recomputed."""
+    replace = replace or {}
+    acts: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}
+
+    def make(hook):
+        inner = replace.get(hook)
+
+        def fn(h: Tensor) -> Tensor:
+            h = inner(h) if inner is not None else h
+            acts[hook] = h.detach().float()
+            if not grad:
+                return h
+            deltas[hook] = torch.zeros_like(h, requires_grad=True)
+            return h + deltas[hook]
+        return fn
+
+    fns = {**replace, **{hook: make(hook) for hook in hooks}}
+    with torch.set_grad_enabled(grad):
+        m = run(fns)
+        if not grad:
+            return m.detach(), acts, {}
+        order = [hook for hook in hooks if hook in deltas]
+        grads = torch.autograd.grad(m.sum(), [deltas[h] for h in order], allow_unused=True)
+    return m.detach(), acts, {h: (torch.zeros_like(deltas[h]) if g is None else g.float()) for h, g in zip(order, grads)}
+
+
+@dataclass
+class HookEffects:
+    """Indirect effects at one hook, per prompt and position."""
+
+    latent: Tensor  # [batch, seq, d_sae]
+    error: Tensor  # [batch, seq]
+
+    def latent_scores(self) -> Tensor:
+        """Per latent: summed over positions, mean over prompts. [d_sae]"""
+        return self.latent.sum(1).mean(0)
+
+    def error_scores(self) -> Tensor:
+        """Per error node (position): mean over prompts. [seq]"""
+        return self.error.mean(0)
+
+
+@dataclass
+class States:
+    """Clean and patched activations and nodes at every hook."""
+
+    clean_m: Tensor  # [batch]
+    patch_m: Tensor  # [batch]
+    clean: dict[str, Tensor]  # hook -> h [batch, seq, d]
+    patch: dict[str, Tensor]
+    grads: dict[str, Tensor]  # hook -> dm/dh at the clean input
+    codes: dict[str, tuple[Tensor, Tensor]]  # hook -> (clean codes, patch codes)
+    errors: dict[str, tuple[Tensor, Tensor]]  # hook -> (clean error, patch error)
+
+
+def collect_states(run_clean: Runner, run_patch: Runner, saes: dict[str, SAE]) -> States:
+    hooks = list(saes)
+    clean_m, clean, grads = capture(run_clean, hooks)
+    patch_m, patch, _ = capture(run_patch, hooks, grad=False)
+    if clean[hooks[0]].shape != patch[hooks[0]].shape:
+        raise CircuitError("Clean and patched inputs must have the same shape (align prompts token by token).")
+    codes, errors = {}, {}
+    for hook, sae in saes.items():
+        zc, ec = node_states(sae, clean[hook])
+        zp, ep = node_states(sae, patch[hook])
+        codes[hook], errors[hook] = (zc, zp), (ec, ep)
+    return States(clean_m, patch_m, clean, patch, grads, codes, errors)
+
+
+def effects_from_grad(sae: SAE, grad: Tensor, states: States, hook: str) -> HookEffects:
+    zc, zp = states.codes[hook]
+    ec, ep = states.errors[hook]
+    return HookEffects(latent=(grad @ decoder(sae).T) * (zp - zc), error=(grad * (ep - ec)).sum(-1))
+
+
+def attribution_patching(saes: dict[str, SAE], states: States) -> dict[str, HookEffects]:
+    """IE_atp = grad_clean . (patch - clean) for every latent and error node (one backward pass in all)."""
+    return {hook: effects_from_grad(sae, states.grads[hook], states, hook) for hook, sae in saes.items()}
+
+
+def integrated_gradients(run_clean: Runner, saes: dict[str, SAE], states: States, steps: int = 10
+                         ) -> dict[str, HookEffects]:
+    """IE_ig with S = steps (alpha_s = s/S, s < S), one hook at a time, the rest recomputed from the clean input."""
+    if steps < 1:
+        raise CircuitError(f"Integrated gradients needs steps >= 1, got {steps}.")
+    out = {}
+    for hook, sae in saes.items():
+        h_clean, h_patch = states.clean[hook], states.patch[hook]
+        total = torch.zeros_like(h_clean)
+        for s in range(steps):
+            alpha = s / steps
+            state = ((1 - alpha) * h_clean + alpha * h_patch)
+
+            def replace(h: Tensor, state=state) -> Tensor:
+                return state.to(h.dtype)
+
+            total += capture(run_clean, [hook], {hook: replace})[2][hook]
+        out[hook] = effects_from_grad(sae, total / steps, states, hook)
+    return out
+
+
+@torch.no_grad()
+def exact_latent_effect(run_clean: Runner, sae: SAE, hook: str, states: States, latent: int) -> Tensor:
+    """m(latent patched at every position) - m(clean), per prompt [batch]: exact patching, for validation."""
+    zc, zp = states.codes[hook]
+    shift = (zp - zc)[..., latent:latent + 1] * decoder(sae)[latent]  # [batch, seq, d_in]
+    return run_clean({hook: lambda h: h + shift.to(h.dtype)}).float() - states.clean_m.float()
+
+
+@torch.no_grad()
+def exact_error_effect(run_clean: Runner, hook: str, states: States, position: int) -> Tensor:
+    """m(error node at `position` patched) - m(clean), per prompt [batch]."""
+    ec, ep = states.errors[hook]
+    shift = torch.zeros_like(ec)
+    shift[:, position] = ep[:, position] - ec[:, position]
+    return run_clean({hook: lambda h: h + shift.to(h.dtype)}).float() - states.clean_m.float()
+
+
+# ---- ablation, faithfulness, completeness -----------------------------------------------------------------------
+@dataclass
+class Circuit:
+    """Which nodes are kept: per hook a latent mask [d_sae] and an error-node mask [seq]."""
+
+    latents: dict[str, Tensor]
+    errors: dict[str, Tensor]
+
+    def complement(self) -> "Circuit":
+        return Circuit({h: ~m for h, m in self.latents.items()}, {h: ~m for h, m in self.errors.items()})
+
+    def size(self) -> int:
+        return int(sum(m.sum() for m in self.latents.values()) + sum(m.sum() for m in self.errors.values()))
+
+
+def full_circuit(saes: dict[str, SAE], seq: int, keep: bool = True) -> Circuit:
+    return Circuit({h: torch.full((s.cfg.d_sae,), keep) for h, s in saes.items()},
+                   {h: torch.full((seq,), keep) for h in saes})
+
+
+def ablation_values(saes: dict[str, SAE], states: States, mode: str = "mean") -> dict[str, tuple[Tensor, Tensor]]:
+    """Per hook, what an ablated latent / error node is set to: the clean batch mean per position, or zeros."""
+    if mode not in ("mean", "zero"):
+        raise CircuitError(f"ablation must be 'mean' or 'zero', got {mode!r}.")
+    out = {}
+    for hook in saes:
+        zc, ec = states.codes[hook][0], states.errors[hook][0]
+        if mode == "mean":
+            out[hook] = (zc.mean(0, keepdim=True), ec.mean(0, keepdim=True))
+        else:
+            out[hook] = (torch.zeros_like(zc[:1]), torch.zeros_like(ec[:1]))
+    return out
+
+
+@torch.no_grad()
+def circuit_metric(run_clean: Runner, saes: dict[str, SAE], circuit: Circuit,
+                   ablate: dict[str, tuple[Tensor, Tensor]]) -> float:
+    """Mean m with every node outside `circuit` ablated (upstream ablations propagate to downstream codes)."""
+    def make(hook: str, sae: SAE):
+        keep_z = circuit.latents[hook].to(torch.bool)
+        keep_e = circuit.errors[hook].to(torch.bool)[None, :, None]
+        z_abl, e_abl = ablate[hook]
+
+        def fn(h: Tensor) -> Tensor:
+            z, e = node_states(sae, h)
+            z = torch.where(keep_z, z, z_abl.to(z.device))
+            e = torch.where(keep_e.to(e.device), e, e_abl.to(e.device))
+            return (sae.decode(z).float() + e).to(h.dtype)
+        return fn
+
+    return run_clean({hook: make(hook, sae) for hook, sae in saes.items()}).float().mean().item()
+
+
+def faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
+    """F(C) = (m(C) - m(empty)) / (m(M) - m(empty)); nan when the full model and the empty circuit agree."""
+    denominator = m_full - m_empty
+    return float("nan") if abs(denominator) < 1e-12 else (m_circuit - m_empty) / denominator
+
+
+def circuit_from_scores(effects: dict[str, HookEffects], node_threshold: float) -> Circuit:
+    """Nodes with |IE| > node_threshold (latents summed over positions, errors per position)."""
+    return Circuit({h: e.latent_scores().abs() > node_threshold for h, e in effects.items()},
+                   {h: e.error_scores().abs() > node_threshold for h, e in effects.items()})
+
+
+def top_n_circuit(effects: dict[str, HookEffects], n: int) -> Circuit:
+    """The n nodes with the largest |IE| over every hook (latents and error nodes ranked together)."""
+    scores = [(h, "latent", e.latent_scores().abs()) for h, e in effects.items()]
+    scores += [(h, "error", e.error_scores().abs()) for h, e in effects.items()]
+    flat = torch.cat([s for _, _, s in scores])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.argsort(descending=True)[:n]] = True
+    masks, start = {}, 0
+    for hook, kind, s in scores:
+        masks[(hook, kind)] = keep[start:start + len(s)]
+        start += len(s)
+    return Circuit({h: masks[(h, "latent")] for h in effects}, {h: masks[(h, "error")] for h in effects})
+
+
+def evaluate_circuit(run_clean: Runner, saes: dict[str, SAE], states: States, circuit: Circuit,
+                     ablation: str = "mean") -> dict:
+    """Faithfulness of C and completeness (faithfulness of the complement M minus C; want about 0)."""
+    ablate = ablation_values(saes, states, ablation)
+    seq = next(iter(states.clean.values())).shape[1]
+    m_full = circuit_metric(run_clean, saes, full_circuit(saes, seq), ablate)
+    m_empty = circuit_metric(run_clean, saes, full_circuit(saes, seq, keep=False), ablate)
+    m_c = circuit_metric(run_clean, saes, circuit, ablate)
+    m_rest = circuit_metric(run_clean, saes, circuit.complement(), ablate)
+    return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_rest,
+            "faithfulness": faithfulness(m_c, m_full, m_empty),
+            "completeness": faithfulness(m_rest, m_full, m_empty), "n_nodes": circuit.size()}
+
+
+def faithfulness_curve(run_clean: Runner, saes: dict[str, SAE], states: States, effects: dict[str, HookEffects],
+                       sizes: list[int], ablation: str = "mean") -> list[dict]:
+    """Faithfulness and completeness of the top-n circuits, for each n in `sizes`."""
+    return [{"n": n, **evaluate_circuit(run_clean, saes, states, top_n_circuit(effects, n), ablation)} for n in sizes]
+
+
+# ---- edges between consecutive hooks ----------------------------------------------------------------------------
+def edge_effects(run_clean: Runner, saes: dict[str, SAE], states: States, upstream: str, downstream: str,
+                 up_latents: list[int], down_latents: list[int]) -> tuple[Tensor, Tensor]:
+    """IE(u -> d) = (dm/dz_d) (dz_d/dh_up) Delta h_up through the network between the two hooks, for upstream
+    latents u and upstream error nodes (per position) into downstream latents d.
+    Returns (latent edges [n_up, n_down], error edges [seq, n_down]), summed over positions, mean over prompts."""
+    sae_up, sae_down = saes[upstream], saes[downstream]
+    n_down = len(down_latents)
+    seq = states.clean[upstream].shape[1]
+    latent_edges, error_edges = torch.zeros(len(up_latents), n_down), torch.zeros(seq, n_down)
+    if not up_latents and not n_down:
+        return latent_edges, error_edges
+    g_down = (states.grads[downstream] @ decoder(sae_down).T)[..., down_latents]  # [batch, seq, n_down]
+    captured: dict[str, Tensor] = {}
+
+    def up_fn(h: Tensor) -> Tensor:
+        captured["delta"] = torch.zeros_like(h, requires_grad=True)
+        return h + captured["delta"]
+
+    def down_fn(h: Tensor) -> Tensor:
+        captured["h"] = h
+        return h
+
+    with torch.enable_grad():
+        try:
+            run_clean({upstream: up_fn, downstream: down_fn}, stop_at=downstream)
+        except _Stop:
+            pass
+        codes = sae_down.encode(captured["h"]).float()[..., down_latents]  # [batch, seq, n_down]
+        zc, zp = states.codes[upstream]
+        ec, ep = states.errors[upstream]
+        d_up = decoder(sae_up)[up_latents]  # [n_up, d_in]
+        for j in range(n_down):
+            (v,) = torch.autograd.grad((codes[..., j] * g_down[..., j]).sum(), captured["delta"], retain_graph=True)
+            v = v.float()  # [batch, seq, d_in]
+            if up_latents:
+                latent_edges[:, j] = ((v @ d_up.T) * (zp - zc)[..., up_latents]).sum(1).mean(0)
+            error_edges[:, j] = (v * (ep - ec)).sum(-1).mean(0)
+    return latent_edges, error_edges
