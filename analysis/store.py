@@ -112,6 +112,10 @@ class Run:
         """JSON files under comparison/, by name (plotly figures or tables)."""
         return self._figures("comparison/*.json")
 
+    def circuit(self) -> dict | None:
+        """circuits/graph.json written by `saewb circuits`, if any."""
+        return read_json(self.path / "circuits" / "graph.json")
+
     def has_features(self) -> bool:
         return (features_dir(self.path) / INDEX).is_file()
 

@@ -1,4 +1,32 @@
+"""Circuits page: the circuit graph `saewb circuits` saved for this run, its faithfulness curve, and links from each
+latent node to its feature page."""
+import pandas as pd
 import streamlit as st
 
+from analysis.circuit_graph import curve_figure, graph_figure
+from app import common
+
 st.title("Circuits")
-st.info("Circuit discovery (attribution graphs across SAE/transcoder latents) gets its page in issue #9.")
+run = common.require_run()
+graph = run.circuit()
+if graph is None:
+    st.info(f"No circuit for this run yet: run `saewb circuits --run-dir {run.path} --task sva` (tasks: ioi, "
+            "greater_than, sva), then reload.")
+    st.stop()
+task = graph["task"]
+st.markdown(f"**Task** `{task['task']}`: {task.get('message', '')}")
+evaluation = graph["evaluation"]
+c1, c2, c3 = st.columns(3)
+c1.metric("Nodes", evaluation["n_nodes"])
+c2.metric("Faithfulness", f"{evaluation['faithfulness']:.2f}")
+c3.metric("Completeness", f"{evaluation.get('completeness', float('nan')):.2f}")
+st.plotly_chart(graph_figure(graph), use_container_width=True)
+st.plotly_chart(curve_figure(graph["curve"]), use_container_width=True)
+own_hook = run.sae_cfg().get("metadata", {}).get("hook_name")
+lines = ["| node | hook | effect | label |", "|---|---|---|---|"]
+for node in sorted((n for n in graph["nodes"] if n["kind"] == "latent"), key=lambda n: -abs(n["effect"])):
+    name = common.feature_link(node["latent"]) if node["hook"] == own_hook else f"#{node['latent']}"
+    lines.append(f"| {name} | `{node['hook']}` | {node['effect']:.4g} | {node.get('label', '')} |")
+st.markdown("\n".join(lines))
+with st.expander("Edges"):
+    st.dataframe(pd.DataFrame(graph["edges"]), hide_index=True, use_container_width=True)

@@ -56,6 +56,7 @@ if text_query:
 
 record = store.latent(latent)
 st.header(f"Latent {latent}")
+st.markdown(f"[Steer the model with latent {latent}](steering?latent={latent})")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Density", f"{record['density']:.3%}")
 c2.metric("Mean activation (when firing)", f"{record['mean_act']:.3g}")

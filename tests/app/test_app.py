@@ -142,7 +142,7 @@ def test_feature_page(app_test):
     assert any(h.value == "Latent 7" for h in at.header)
 
 
-def test_live_and_placeholder_pages(app_test):
+def test_live_page(app_test):
     at = app_test
     at.switch_page("views/live.py").run()
     assert not errors(at)
@@ -150,9 +150,34 @@ def test_live_and_placeholder_pages(app_test):
     assert not errors(at)
     assert any("tok-on" in m.value for m in at.markdown)
     assert any("feature?latent=" in m.value for m in at.markdown)
-    for page, issue in (("views/steering.py", "#8"), ("views/circuits.py", "#9")):
-        at.switch_page(page).run()
-        assert issue in at.info[0].value
+
+
+def test_steering_page(app_test):
+    at = app_test
+    at.query_params["latent"] = "3"
+    at.switch_page("views/steering.py").run()
+    assert not errors(at)
+    at.text_input(key="steer_alphas").input("0, 8").run()
+    at.slider(key="steer_tokens").set_value(3).run()
+    at.button(key="steer_go").click().run()
+    assert not errors(at)
+    table = at.dataframe[0].value
+    assert list(table["alpha"]) == [0.0, 8.0] and table["kl"][0] == pytest.approx(0, abs=1e-6) and table["kl"][1] > 0
+    assert at.get("plotly_chart")  # the trade-off figure of the sweep
+    at.text_area(key="steer_prompt").input("   ").run()
+    at.button(key="steer_go").click().run()
+    assert any("empty" in e for e in errors(at))
+
+
+def test_circuits_page(app_test, runs):
+    at = app_test
+    at.switch_page("views/circuits.py").run()
+    assert "saewb circuits" in at.info[0].value  # none computed yet: says how
+    assert main(["circuits", "--run-dir", str(runs / "tiny"), "--task", "sva", "--node-threshold", "0.001"]) == 0
+    at.switch_page("views/circuits.py").run()
+    assert not errors(at)
+    assert len(at.get("plotly_chart")) == 2  # graph + faithfulness curve
+    assert any("feature?latent=" in m.value for m in at.markdown)
 
 
 def free_port() -> int:
