@@ -1,0 +1,333 @@
+"""Figures of report cards and the `saewb eval` comparison of several runs (issue 6).
+
+    saewb eval runs/a runs/b --out runs/comparison
+
+writes a report card into each run (RUN/eval/metrics.json, RUN/eval/figures/*.json) and, into `out`, table.md,
+table.csv, cards.json and plotly figures as JSON + HTML: FVU vs L0 (with the Pareto front), delta LM loss vs L0,
+dead latents, and budget curves (FVU and delta LM loss vs measured L0) for variants with k.
+HTML files load plotly.js from its CDN (they stay small; the JSON files hold the whole figure).
+"""
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from training.logger import WANDB_MODES
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+def card_figures(card: dict) -> dict:
+    """Plotly figures of one card: latent density histogram, per-token L0 histogram, budget curve (if any)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figures = {}
+    dens = card["histograms"]["log10_density"]
+    centers = [(a + b) / 2 for a, b in zip(dens["edges"][:-1], dens["edges"][1:])]
+    fig = go.Figure(go.Bar(x=centers, y=dens["counts"], name="alive latents"))
+    fig.update_layout(title=f"{card['name']}: latent density ({dens['dead']} dead latents not shown)",
+                      xaxis_title="log10 fraction of tokens a latent fires on", yaxis_title="latents")
+    figures["density_histogram"] = fig
+    l0 = card["histograms"]["l0"]
+    fig = go.Figure(go.Bar(x=l0["values"], y=l0["counts"]))
+    fig.update_layout(title=f"{card['name']}: active latents per token (mean L0 {card['core']['l0']:.2f})",
+                      xaxis_title="L0 (latents with z != 0)", yaxis_title="tokens")
+    figures["l0_histogram"] = fig
+    if card.get("budget"):
+        rows = card["budget"]
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("FVU vs measured L0", "delta LM loss vs measured L0"))
+        text = [f"k={r['k']}" for r in rows]
+        fig.add_trace(go.Scatter(x=[r["l0"] for r in rows], y=[r["fvu"] for r in rows], mode="lines+markers",
+                                 text=text, name="FVU"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=[r["l0"] for r in rows], y=[r["delta_lm_loss"] for r in rows],
+                                 mode="lines+markers", text=text, name="delta LM loss"), row=1, col=2)
+        fig.update_xaxes(type="log", title_text="L0")
+        fig.update_layout(title=f"{card['name']}: budget curve (one checkpoint, k varied at inference)")
+        figures["budget_curve"] = fig
+    return figures
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated in (lower L0, lower FVU), sorted by L0."""
+    front, best = [], float("inf")
+    for x, y in sorted(p for p in points if None not in p):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def comparison_figures(cards: list[dict], labels: list[str]) -> dict:
+    import plotly.graph_objects as go
+
+    def scatter(y_key: str, section: str, title: str, y_title: str, front: bool = False):
+        fig = go.Figure()
+        for card, label in zip(cards, labels):
+            fig.add_trace(go.Scatter(x=[card["core"]["l0"]], y=[card[section][y_key]], mode="markers", name=label,
+                                     text=[card["architecture"]], marker={"size": 10}))
+        if front:
+            points = pareto_front([(c["core"]["l0"], c[section][y_key]) for c in cards])
+            fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines",
+                                     name="Pareto front", line={"dash": "dash", "color": "gray"}))
+        fig.update_layout(title=title, xaxis_title="L0 (measured)", yaxis_title=y_title)
+        return fig
+
+    figures = {
+        "fvu_vs_l0": scatter("fvu", "core", "FVU vs L0 (lower-left is better)", "FVU", front=True),
+        "delta_lm_loss_vs_l0": scatter("delta_lm_loss", "downstream", "delta LM loss vs L0", "CE_sae - CE_clean"),
+    }
+    fig = go.Figure(go.Bar(x=labels, y=[100 * c["core"]["dead_frac"] for c in cards]))
+    fig.update_layout(title="Dead latents (never fired on the eval set)", yaxis_title="% of latents")
+    figures["dead_latents"] = fig
+    if any(c.get("budget") for c in cards):
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("FVU vs measured L0", "delta LM loss vs measured L0"))
+        for card, label in zip(cards, labels):
+            rows = card.get("budget") or []
+            if not rows:
+                continue
+            x = [r["l0"] for r in rows]
+            fig.add_trace(go.Scatter(x=x, y=[r["fvu"] for r in rows], mode="lines+markers", name=label,
+                                     legendgroup=label), row=1, col=1)
+            fig.add_trace(go.Scatter(x=x, y=[r["delta_lm_loss"] for r in rows], mode="lines+markers", name=label,
+                                     legendgroup=label, showlegend=False), row=1, col=2)
+        fig.update_xaxes(type="log", title_text="L0")
+        fig.update_layout(title="Budget curves (k varied at inference on one checkpoint)")
+        figures["budget_curves"] = fig
+    return figures
+
+
+# ---- the comparison table -----------------------------------------------------------------------------------
+COLUMNS = [  # (header, section, key, format)
+    ("run", None, "label", "s"), ("architecture", None, "architecture", "s"), ("hook", None, "hook", "s"),
+    ("d_sae", None, "d_sae", "d"), ("k", None, "k", "s"), ("L0", "core", "l0", ".2f"), ("FVU", "core", "fvu", ".4f"),
+    ("cosine", "core", "cosine", ".4f"), ("MSE", "core", "mse", ".4g"), ("L1", "core", "l1", ".4g"),
+    ("dead %", "core", "dead_frac", "%"), ("dense >1% %", "core", "dense_frac_1pct", "%"),
+    ("dense >10% %", "core", "dense_frac_10pct", "%"), ("shrinkage gamma", "core", "shrinkage_gamma", ".4f"),
+    ("CE clean", "downstream", "ce_clean", ".4f"), ("CE SAE", "downstream", "ce_sae", ".4f"),
+    ("CE zero", "downstream", "ce_zero", ".4f"), ("CE mean", "downstream", "ce_mean", ".4f"),
+    ("CE recovered", "downstream", "ce_loss_recovered", ".4f"),
+    ("CE recovered (mean abl.)", "downstream", "ce_loss_recovered_mean_ablation", ".4f"),
+    ("KL score", "downstream", "kl_score", ".4f"), ("delta LM loss", "downstream", "delta_lm_loss", ".4f"),
+]
+
+
+def table_rows(cards: list[dict], labels: list[str]) -> list[list[str]]:
+    rows = []
+    for card, label in zip(cards, labels):
+        row = []
+        for _, section, key, spec in COLUMNS:
+            value = label if key == "label" else (card[section].get(key) if section else card.get(key))
+            if value is None:
+                row.append("")
+            elif spec == "%":
+                row.append(f"{100 * value:.2f}")
+            elif spec == "s":
+                row.append(str(value))
+            else:
+                row.append(format(value, spec))
+        rows.append(row)
+    return rows
+
+
+def labels_of(runs: list[Path]) -> list[str]:
+    """Run names relative to their common parent (unique, readable)."""
+    paths = [Path(r).resolve() for r in runs]
+    base = Path(os.path.commonpath([p.parent for p in paths]))
+    return [str(p.relative_to(base)) for p in paths]
+
+
+def default_out(runs: list[Path]) -> Path:
+    return Path(os.path.commonpath([Path(r).resolve().parent for r in runs])) / "comparison"
+
+
+NOTES = ("FVU is pooled (sum ||x - x_hat||^2 / sum ||x - mean||^2) on held-out tokens, special and outlier tokens "
+         "excluded. CE recovered = (CE_zero - CE_SAE) / (CE_zero - CE_clean) with zero-ablation (the mean-ablation "
+         "variant beside it), the same token mask in every pass; compare across layers with delta LM loss. Compare "
+         "variants at measured L0, not nominal k.")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell or "n/a" for cell in row) + " |" for row in rows])
+
+
+def write_comparison(cards: list[dict], out: Path, labels: list[str] | None = None,
+                     stability: list[dict] | None = None) -> dict:
+    """table.md, table.csv, cards.json, stability.csv (if any pair), figures/<name>.json + .html and a
+    self-contained report.html in `out`; returns the figures."""
+    import json
+
+    labels = labels or [c["name"] for c in cards]
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    headers = [c[0] for c in COLUMNS]
+    rows = table_rows(cards, labels)
+    write_csv(out / "table.csv", headers, rows)
+    md = markdown_table(headers, rows) + "\n\n" + NOTES + "\n"
+    if stability:
+        s_headers = ["run a", "run b", "mean matched |cos|", "fraction > threshold", "threshold", "matching"]
+        s_rows = [[p["a"], p["b"], f"{p['mean_matched_cosine']:.4f}", f"{p['fraction_matched']:.4f}",
+                   str(p["threshold"]), p["matching"]] for p in stability]
+        write_csv(out / "stability.csv", s_headers, s_rows)
+        md += "\n## Stability across seeds\n\n" + markdown_table(s_headers, s_rows) + "\n"
+    (out / "table.md").write_text(md)
+    (out / "cards.json").write_text(json.dumps({label: card for label, card in zip(labels, cards)}, indent=2))
+    figures = comparison_figures(cards, labels)
+    for name, fig in figures.items():
+        (out / "figures" / f"{name}.json").write_text(fig.to_json())
+        fig.write_html(out / "figures" / f"{name}.html", include_plotlyjs="cdn")
+    write_report_html(out / "report.html", headers, rows, figures)
+    return figures
+
+
+def write_csv(path: Path, headers: list[str], rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def write_report_html(path: Path, headers: list[str], rows: list[list[str]], figures: dict) -> None:
+    """One page with the table and every figure; plotly.js is embedded once, so it opens offline."""
+    from html import escape
+
+    table = ("<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures.values())]
+    style = ("body{font-family:sans-serif} table{border-collapse:collapse;font-size:12px} "
+             "td,th{border:1px solid #ccc;padding:2px 6px}")
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>SAE comparison</title><style>{style}"
+                    f"</style></head><body><h1>SAE comparison</h1>{table}<p>{escape(NOTES)}</p>{''.join(parts)}"
+                    "</body></html>")
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """Evaluate trained SAEs: core metrics (FVU, L0, dead/dense latents, shrinkage) on held-out cached tokens,
+    downstream CE loss with the SAE spliced in (CE recovered, KL score, delta LM loss), budget curves over k; then
+    a comparison table and plots across the runs."""
+
+    runs: tyro.conf.Positional[list[Path]]
+    """Run folders written by `saewb train` (a sweep folder stands for all its SAE subfolders)."""
+    out: Path | None = None
+    """Folder for the comparison (table.md, table.csv, figures); default <common parent of the runs>/comparison."""
+    max_contexts: int = 32
+    """Held-out contexts for the downstream (CE loss / KL) passes; each pass costs one forward of them."""
+    model: str | None = None
+    """Model to load instead of the one recorded in each run's config.json."""
+    device: str = "cpu"
+    """Torch device for the model and SAEs."""
+    budget_curve: bool = True
+    """Also compute FVU and delta LM loss vs k (variants with an inference budget k)."""
+    stability: bool = True
+    """Matched-latent stability (decoder |cosine|) of runs that differ only in seed."""
+    wandb: str = "off"
+    """Weights & Biases: 'off' (default; everything is in the files), 'offline' or 'online'."""
+    wandb_project: str = "saewb"
+    """W&B project name."""
+
+    def __post_init__(self) -> None:
+        if self.max_contexts < 1:
+            raise ValueError(f"--max-contexts must be at least 1, got {self.max_contexts}.")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}.")
+
+
+def expand_runs(runs: list[Path]) -> list[Path]:
+    from analysis.evals import WEIGHTS, check_run_dir, sae_subfolders
+
+    expanded = []
+    for run in runs:
+        run = Path(run)
+        if not (run / WEIGHTS).is_file() and sae_subfolders(run):
+            expanded.extend(sae_subfolders(run))
+        else:
+            check_run_dir(run)
+            expanded.append(run)
+    return expanded
+
+
+def run_eval(cfg: EvalConfig, models: dict | None = None) -> list[dict]:
+    """Report card per run, then the comparison in cfg.out. `models` maps model names to loaded models (reused)."""
+    from analysis.evals import format_report, model_name, report_card
+
+    if cfg.wandb not in WANDB_MODES:
+        raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {cfg.wandb!r}.")
+    if not cfg.runs:
+        raise ValueError("No run folder given: pass one or more folders written by `saewb train`.")
+    runs = expand_runs(cfg.runs)
+    models = {} if models is None else models
+    cards = []
+    for run in runs:
+        name = cfg.model or model_name(run)
+        if name not in models:
+            from training.model import load_model
+
+            models[name] = load_model(name, device=cfg.device)
+        card = report_card(run, model=models[name], max_contexts=cfg.max_contexts, budget_curve=cfg.budget_curve,
+                           device=cfg.device)
+        print(format_report(card))
+        cards.append(card)
+    out = Path(cfg.out) if cfg.out else default_out(runs)
+    labels = labels_of(runs)
+    pairs = stability_pairs(runs, cards, labels) if cfg.stability else []
+    figures = write_comparison(cards, out, labels, pairs)
+    print("\n" + short_table(cards, labels))
+    for pair in pairs:
+        print(f"stability {pair['a']} ~ {pair['b']}: mean matched |cos| {pair['mean_matched_cosine']:.3f}, "
+              f"{100 * pair['fraction_matched']:.1f}% > {pair['threshold']} ({pair['matching']} matching)")
+    print(f"Comparison of {len(cards)} run(s) written to {out} (table.md, table.csv, report.html, figures/)")
+    if cfg.wandb != "off":
+        log_wandb(cfg, cards, labels, figures, out)
+    return cards
+
+
+def stability_pairs(runs: list[Path], cards: list[dict], labels: list[str]) -> list[dict]:
+    """Matched-latent stability of every pair of runs that differ only in seed (same architecture, hook, d_sae, k)."""
+    from analysis.eval_synthetic import run_stability
+
+    pairs = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            a, b = cards[i], cards[j]
+            if all(a.get(key) == b.get(key) for key in ("architecture", "hook", "d_sae", "k")):
+                pairs.append({"a": labels[i], "b": labels[j]} | run_stability(runs[i], runs[j]))
+    return pairs
+
+
+def short_table(cards: list[dict], labels: list[str]) -> str:
+    """The few columns that fit a terminal."""
+    headers = ["run", "arch", "L0", "FVU", "dead %", "CE rec.", "KL score", "dLM loss"]
+    rows = [[label, c["architecture"], fmt(c["core"]["l0"], ".1f"), fmt(c["core"]["fvu"], ".4f"),
+             fmt(100 * c["core"]["dead_frac"], ".1f"), fmt(c["downstream"]["ce_loss_recovered"], ".4f"),
+             fmt(c["downstream"]["kl_score"], ".4f"), fmt(c["downstream"]["delta_lm_loss"], ".4f")]
+            for c, label in zip(cards, labels)]
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [headers, *rows])
+
+
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def log_wandb(cfg: EvalConfig, cards: list[dict], labels: list[str], figures: dict, out: Path) -> None:
+    os.environ["WANDB_MODE"] = cfg.wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(project=cfg.wandb_project, name=f"eval-{out.parent.name}", dir=str(out), job_type="eval",
+                     config={"runs": labels, "max_contexts": cfg.max_contexts}, reinit="finish_previous")
+    try:
+        headers = [c[0] for c in COLUMNS]
+        run.log({"eval/table": wandb.Table(columns=headers, data=table_rows(cards, labels))})
+        for label, card in zip(labels, cards):
+            run.summary.update({f"{label}/{k}": v for section in ("core", "downstream")
+                                for k, v in card[section].items() if isinstance(v, (int, float))})
+        run.log({f"eval/{name}": wandb.Html(open(out / "figures" / f"{name}.html").read()) for name in figures})
+    finally:
+        run.finish()

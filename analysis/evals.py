@@ -1,0 +1,214 @@
+"""The report card of one run folder (issue 6): core metrics on held-out cached tokens, downstream loss with the SAE
+spliced in, a budget curve for variants with an inference budget k, and plotly figures.
+
+    card = report_card("runs/demo")           # writes runs/demo/eval/metrics.json and eval/figures/*.json
+    print(format_report(card))
+
+The evaluation set is the run's held-out shards (config.json `holdout_shards`, split as training.run.split_shards
+splits them) of the cache recorded in summary.json; the downstream passes use the first `max_contexts` of their
+contexts. Definitions: analysis/eval_core.py (core, budgets), analysis/eval_downstream.py (CE / KL),
+analysis/eval_synthetic.py (planted recovery, stability across seeds); comparisons: analysis/eval_compare.py.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from analysis.eval_core import (MIN_EVAL_TOKENS, budget, budget_ks, core_metrics, eval_activations, eval_shards,
+                                fvu, supports_budget, trained_budget)
+from analysis.eval_downstream import check_contexts, downstream, eval_contexts, loss_mask, recovered
+from analysis.eval_synthetic import (matched_cosines, planted_benchmark, planted_recovery, run_stability,
+                                     stability)
+from saes import load_sae
+from saes.base import SAE
+from training.activation_store import ActivationCache, CacheError
+
+WEIGHTS = "sae_weights.safetensors"
+
+
+# ---- run folders --------------------------------------------------------------------------------------------
+def sae_subfolders(path: Path) -> list[Path]:
+    """SAE folders directly under a sweep's run folder."""
+    return sorted(p for p in path.iterdir() if (p / WEIGHTS).is_file()) if path.is_dir() else []
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if (run_dir / WEIGHTS).is_file() and (run_dir / "cfg.json").is_file():
+        return
+    inner = sae_subfolders(run_dir)
+    hint = (f" it is a sweep: evaluate its SAE folders, e.g. {inner[0]}" if inner else
+            " point at a run folder written by `saewb train` (it holds cfg.json and sae_weights.safetensors)")
+    raise ValueError(f"{run_dir} has no SAE weights:{hint}.")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_config(run_dir: Path) -> dict:
+    """The job's config.json: in the run folder, or in its parent for one SAE of a sweep."""
+    for folder in (run_dir, run_dir.parent):
+        if (folder / "config.json").is_file():
+            return read_json(folder / "config.json")
+    return {}
+
+
+def model_name(run_dir: Path, sae: SAE | None = None) -> str:
+    """The model a run was trained on: config.json cache.model, else cfg.json model_name, else the embedded one."""
+    name = run_config(run_dir).get("cache", {}).get("model")
+    if not name:
+        name = sae.cfg.model_name if sae is not None else read_json(run_dir / "cfg.json").get("model_name")
+    return name or "smollm2"
+
+
+def run_cache(run_dir: Path, summary: dict, hook: str, sae: SAE) -> ActivationCache:
+    if not summary.get("cache"):
+        raise ValueError(f"{run_dir}/summary.json records no activation cache (trained with --source model or "
+                         "unfinished): train from a cache (`saewb train`, the default --source cache) to evaluate it.")
+    try:
+        cache = ActivationCache(summary["cache"])
+    except CacheError as error:
+        raise ValueError(f"The run's activation cache is unusable ({error}): re-run its `saewb cache` command."
+                         ) from None
+    if hook not in cache.hooks:
+        raise ValueError(f"The SAE reads hook {hook!r} but the run's cache {cache.path} holds {cache.hooks}: evaluate "
+                         "it against a cache of that hook.")
+    if cache.d_in(hook) != sae.cfg.d_in:
+        raise ValueError(f"The SAE has width d_in={sae.cfg.d_in} but the cache's {hook!r} activations have width "
+                         f"{cache.d_in(hook)}: evaluate it against the cache it was trained on.")
+    return cache
+
+
+def check_model(model, sae: SAE, hook: str, tokens: torch.Tensor) -> None:
+    """The model has the hook and its activation there has the SAE's width."""
+    from analysis.splice import check_hook
+    from training.model import stop_layer
+
+    check_hook(model, hook)
+    _, cache = model.run_with_cache(tokens[:1].to(next(model.parameters()).device), names_filter=[hook],
+                                    stop_at_layer=stop_layer([hook], model.cfg.n_layers))
+    act = cache[hook]
+    width = act.shape[-1] if act.dim() <= 3 else math.prod(act.shape[2:])
+    if width != sae.cfg.d_in:
+        raise ValueError(f"The model's {hook!r} activations have width {width} but the SAE has d_in={sae.cfg.d_in}: "
+                         "evaluate the SAE with the model it was trained on.")
+
+
+# ---- the report card ----------------------------------------------------------------------------------------
+def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict:
+    counts = torch.histc(values.float(), bins=bins, min=low, max=high) if len(values) else torch.zeros(bins)
+    edges = torch.linspace(low, high, bins + 1)
+    return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
+
+
+def clean(value):
+    """JSON-safe: NaN/inf become None, tensors become lists."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@torch.no_grad()
+def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budget_curve: bool = True,
+                write: bool = True, device: str = "cpu") -> dict:
+    """Evaluate the SAE of a run folder; writes run_dir/eval/metrics.json and run_dir/eval/figures/*.json."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    if max_contexts < 1:
+        raise ValueError(f"--max-contexts must be at least 1, got {max_contexts}.")
+    config, summary = run_config(run_dir), read_json(run_dir / "summary.json")
+    sae = load_sae(run_dir, device=device).eval()
+    hook = sae.cfg.hook_name or summary.get("hook", "")
+    cache = run_cache(run_dir, summary, hook, sae)
+    shards, held_out = eval_shards(cache, int(config.get("holdout_shards", 1)))
+    if model is None:
+        from training.model import load_model
+
+        model = load_model(model_name(run_dir, sae), device=device)
+    tokens, special = eval_contexts(cache, shards, max_contexts)
+    check_contexts(model, tokens, special)
+    check_model(model, sae, hook, tokens)
+    ks = budget_ks(sae) if budget_curve and supports_budget(sae) else []
+    core = core_metrics(sae, eval_activations(cache, hook, shards), ks)
+    down = downstream(model, sae, hook, tokens, special, mean=core["mean"].to(sae.W_dec.device), ks=ks)
+    budget_rows = [{"k": k, "l0": core["budget"][k]["l0"], "fvu": core["budget"][k]["fvu"],
+                    "above_trained_k": k > trained_budget(sae), **down["budget"][k]} for k in ks]
+    density = core["density"]
+    alive = density[density > 0]
+    low = math.floor(math.log10(1 / max(core["metrics"]["tokens"], 1)))
+    l0_counts = core["l0_counts"]
+    top = int(torch.nonzero(l0_counts).max()) if bool(l0_counts.any()) else 0
+    card = {
+        "run": str(run_dir), "name": run_dir.name, "architecture": sae.architecture, "hook": hook,
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "signed": sae.signed,
+        "k": getattr(sae.cfg, "k", None) or getattr(sae.cfg, "k_max", None), "seed": config.get("seed"),
+        "model": model_name(run_dir, sae), "train_tokens": summary.get("train_tokens"),
+        "eval": {"cache": str(cache.path), "shards": shards,
+                 "split": "held-out shards" if held_out else "training data (single-shard cache)",
+                 "tokens": core["metrics"]["tokens"], "contexts": down["contexts"], "scored_positions": down["tokens"],
+                 "excluded": "special and outlier-norm tokens (core); positions whose input or target is special "
+                             "(downstream, same mask in every pass)",
+                 "splice": "SAE reconstruction without error term at non-special positions",
+                 "ablations": "zero (CE loss recovered) and mean over eval tokens (ce_loss_recovered_mean_ablation)",
+                 "shrinkage": "gamma = E||x_hat||^2 / E<x, x_hat> (relative reconstruction bias; < 1 is shrinkage); "
+                              "norm_ratio = mean ||x_hat|| / ||x||"},
+        "core": core["metrics"],
+        "downstream": {k: v for k, v in down.items() if k not in ("budget", "tokens", "contexts")},
+        "budget": budget_rows,
+        "histograms": {
+            "l0": {"values": list(range(top + 1)), "counts": [int(c) for c in l0_counts[:top + 1].tolist()]},
+            "log10_density": histogram(alive.log10(), 40, low, 0.0) | {"dead": int((density == 0).sum())},
+        },
+    }
+    card = clean(card)
+    if write:
+        write_card(card, run_dir / "eval")
+    return card
+
+
+def write_card(card: dict, folder: Path) -> None:
+    from analysis.eval_compare import card_figures
+
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(card, indent=2))
+    for stale in (folder / "figures").glob("*.json"):  # e.g. a budget curve from an earlier evaluation
+        stale.unlink()
+    for name, figure in card_figures(card).items():
+        (folder / "figures" / f"{name}.json").write_text(figure.to_json())
+
+
+def fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_report(card: dict) -> str:
+    """A few human-readable lines of a report card."""
+    c, d, e = card["core"], card["downstream"], card["eval"]
+    lines = [
+        f"{card['name']}: {card['architecture']} at {card['hook']} (d_sae {card['d_sae']}"
+        + (f", k {card['k']}" if card.get("k") else "") + f"), {e['tokens']} tokens on {e['split']}",
+        f"  FVU {fmt(c['fvu'])}  cosine {fmt(c['cosine'])}  MSE {fmt(c['mse'], '.4g')}  L0 {fmt(c['l0'], '.2f')}  "
+        f"L1 {fmt(c['l1'], '.3g')}",
+        f"  dead {fmt(100 * c['dead_frac'], '.1f')}%  dense >1% {fmt(100 * c['dense_frac_1pct'], '.1f')}%  "
+        f">10% {fmt(100 * c['dense_frac_10pct'], '.1f')}%  shrinkage gamma {fmt(c['shrinkage_gamma'], '.3f')}",
+        f"  CE clean {fmt(d['ce_clean'])}  SAE {fmt(d['ce_sae'])}  zero-abl {fmt(d['ce_zero'])}  "
+        f"mean-abl {fmt(d.get('ce_mean'))}  ({e['scored_positions']} positions, {e['contexts']} contexts)",
+        f"  CE loss recovered {fmt(d['ce_loss_recovered'])}  KL score {fmt(d['kl_score'])}  "
+        f"delta LM loss {fmt(d['delta_lm_loss'])}",
+    ]
+    if card.get("budget"):
+        lines.append("  budget: " + ", ".join(f"k={r['k']}: L0 {fmt(r['l0'], '.1f')} FVU {fmt(r['fvu'], '.3f')} "
+                                              f"dLM {fmt(r['delta_lm_loss'], '.3f')}" for r in card["budget"]))
+    return "\n".join(lines)
+
+
+__all__ = ["MIN_EVAL_TOKENS", "budget", "budget_ks", "core_metrics", "downstream", "eval_activations",
+           "eval_contexts", "format_report", "fvu", "loss_mask", "matched_cosines", "planted_benchmark",
+           "planted_recovery", "recovered", "report_card", "run_stability", "stability", "supports_budget"]
