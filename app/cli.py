@@ -119,10 +119,27 @@ def run_circuits(cfg: CircuitsConfig) -> None:
     find_circuit(cfg)
 
 
+def newer_than_weights(path: Path, run_dir: Path) -> bool:
+    """True when `path` exists and was written after the run's SAE (so a rerun can reuse it)."""
+    weights = run_dir / "sae_weights.safetensors"
+    return path.is_file() and path.stat().st_mtime >= weights.stat().st_mtime
+
+
 def run_demo(cfg: DemoConfig) -> None:
+    from analysis.evals import format_report, report_card
+    from analysis.features import build_features
+
     train_cfg = cfg.train_config(n_layers_of(cfg.model))
     print(f"Demo: {cfg.model}, hook {train_cfg.cache.hooks[0]}, {cfg.tokens} tokens, TopK SAE 4x k=32 -> {cfg.run_dir}")
     run_train(train_cfg)
+    run_dir = Path(cfg.run_dir)
+    card_path = run_dir / "eval" / "metrics.json"
+    card = json.loads(card_path.read_text()) if newer_than_weights(card_path, run_dir) else report_card(run_dir)
+    print("\nReport card (held-out tokens):\n" + format_report(card))
+    if not newer_than_weights(run_dir / "features" / "index.json", run_dir):
+        build_features(FeaturesConfig(run_dir=run_dir))
+    print(f"\nFeature store ready in {run_dir / 'features'}. Browse the features with:\n"
+          f"    saewb app {run_dir.parent}        (or: make app)")
 
 
 # name -> (typed config, handler, one-line description). Adding a command is one entry here.

@@ -22,6 +22,8 @@ def test_demo_on_tiny_model_leaves_a_saelens_run_folder(tmp_path, capsys):
     assert main(["demo", "--model", "tiny", "--tokens", "16384", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "FVU" in out and "L0 32.00" in out
+    assert "Report card" in out and "CE loss recovered" in out and f"saewb app {tmp_path}" in out
+    assert (run_dir / "eval" / "metrics.json").is_file() and (run_dir / "features" / "index.json").is_file()
     for name in ("cfg.json", "sae_weights.safetensors", "config.json", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
     cfg = json.loads((run_dir / "cfg.json").read_text())
