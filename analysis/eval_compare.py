@@ -3,9 +3,11 @@
     saewb eval runs/a runs/b --out runs/comparison
 
 writes a report card into each run (RUN/eval/metrics.json, RUN/eval/figures/*.json) and, into `out`, table.md,
-table.csv, cards.json and plotly figures as JSON + HTML: FVU vs L0 (with the Pareto front), delta LM loss vs L0,
-dead latents, and budget curves (FVU and delta LM loss vs measured L0) for variants with k.
-HTML files load plotly.js from its CDN (they stay small; the JSON files hold the whole figure).
+table.csv, cards.json, stability.csv (runs differing only in seed) and plotly figures as JSON + HTML: FVU vs L0 (with
+the Pareto front), delta LM loss vs L0, dead latents, and budget curves (FVU and delta LM loss vs measured L0) for
+variants with k. figures/*.html load plotly.js from its CDN (small files); report.html embeds it once and holds the
+table and every figure, so it opens offline. W&B is off by default (the files are the record); --wandb offline/online
+logs the table, the per-run numbers and the figures.
 """
 import csv
 import os
