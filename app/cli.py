@@ -3,6 +3,7 @@
     saewb cache --model tiny --hooks blocks.1.hook_resid_post --tokens 20000
     saewb train --cache.model tiny --cache.hooks blocks.1.hook_resid_post --run-dir runs/tiny
     saewb demo
+    saewb eval runs/demo;  saewb features runs/demo;  saewb app runs;  saewb circuits --run-dir runs/demo
 """
 import json
 import os
@@ -23,8 +24,8 @@ from training.run import TrainConfig
 
 @dataclass
 class DemoConfig:
-    """Cache ~200k tokens of the embedded model at a middle layer, train a TopK SAE (4x width, k=32), and print
-    its held-out FVU and L0. A second run reuses everything already done."""
+    """Cache ~200k tokens of the embedded model at a middle layer, train a TopK SAE (4x width, k=32), print its
+    report card, build its feature store and the command that opens the app. A second run reuses everything."""
 
     model: str = "smollm2"
     """Model to cache ('smollm2' embedded, 'tiny' for a seconds-long trial)."""
@@ -152,12 +153,12 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                                       "architectures, k values and hooks train on the same batches."),
     "eval": (EvalConfig, run_eval, "Evaluate trained SAEs (FVU, L0, dead latents, CE loss recovered, delta LM loss, "
                                    "budget curves) and compare runs in a table and plots."),
-    "demo": (DemoConfig, run_demo, "The first vertical slice on the embedded model: cache, train TopK, report FVU and L0."),
+    "demo": (DemoConfig, run_demo, "The whole slice on the embedded model: cache, train a TopK SAE, report card, feature store."),
     "features": (FeaturesConfig, run_features, "Build a run's feature store (top contexts, quantile samples, "
                                                "histograms, density, logit lens, neighbours) in RUN_DIR/features."),
     "circuits": (CircuitsConfig, run_circuits, "Find a sparse feature circuit for a task (ioi, "
                  "greater_than, sva) with a run's SAE: RUN_DIR/circuits/graph.json + a layered figure."),
-    "app": (AppConfig, run_app, "Start the Streamlit workbench (runs, feature browser, live text) on RUNS_DIR."),
+    "app": (AppConfig, run_app, "Start the Streamlit workbench (runs, feature browser, live text, steering, circuits) on RUNS_DIR."),
 }
 
 
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = tyro.cli(
         Union[tuple(subcommands)],  # type: ignore[valid-type]
         args=args, prog="saewb",
-        description="SAE workbench: cache activations, train SAEs, and (next) evaluate, browse, steer, find circuits.",
+        description="SAE workbench: cache activations, train SAEs, evaluate them, build feature stores, browse "
+                    "and steer in the app, find circuits.",
     )
     from training.model import is_local
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from bench.machine import describe_machine
 from saes import ARCHITECTURES, build_sae, sae_class
 from saes.base import SAE
-from training.synthetic import fraction_recovered, make_planted, mean_best_cosine
+from training.synthetic import fraction_recovered, make_planted, mean_best_cosine, with_gradients
 from training.trainer import LoopConfig, Trainer, as_pair
 
 # Per-variant settings beyond d_in, d_sae, k (tuned in each variant's planted-recovery test). Threshold EMAs start
@@ -150,20 +150,6 @@ def train_timed(sae: SAE, batches: Iterator, steps: int, loop: LoopConfig) -> di
             "train_fvu": record.get("fvu", math.nan), "train_l0": record.get("l0", math.nan)}
 
 
-def with_readout_gradients(planted, batch_size: int, seed: int, n_classes: int = 8) -> Iterator:
-    """(x, grad) batches with the planted stream's x; grad of a cross-entropy through a readout along 8 planted
-    directions, so it varies per token and singles out the latents that matter downstream (test_gradient.py)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    pick = torch.randperm(len(planted.directions), generator=generator)[:n_classes]
-    readout = 3.0 * planted.directions[pick]  # [n_classes, d]
-    for x in planted.batches(batch_size, seed):
-        labels = torch.randint(0, n_classes, (batch_size,), generator=generator)
-        x.requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(x @ readout.T, labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-        yield x.detach(), grad
-
-
 def run_synthetic(args, overrides: dict, log) -> tuple[dict, dict]:
     planted = make_planted(d=args.syn_d, n_true=args.syn_n_true, mean_active=args.syn_mean_active, seed=args.seed + 3)
     sample = planted.sample(2048, torch.Generator().manual_seed(args.seed + 9))
@@ -177,7 +163,7 @@ def run_synthetic(args, overrides: dict, log) -> tuple[dict, dict]:
             fields["input_scale"] = scale
         sae = build_sae(arch, seed=args.seed, **fields)
         sae.init_b_dec(sample)
-        batches = with_readout_gradients(planted, args.batch_size, args.seed)  # same x for every variant
+        batches = with_gradients(planted, args.batch_size, args.seed)  # same x for every variant
         row = train_timed(sae, batches, args.syn_steps, loop)
         evaluation = HeldOut(args.syn_d, args.syn_d_sae)
         for chunk in held_out.split(4096):
