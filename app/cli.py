@@ -153,12 +153,14 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
                                       "architectures, k values and hooks train on the same batches."),
     "eval": (EvalConfig, run_eval, "Evaluate trained SAEs (FVU, L0, dead latents, CE loss recovered, delta LM loss, "
                                    "budget curves) and compare runs in a table and plots."),
-    "demo": (DemoConfig, run_demo, "The whole slice on the embedded model: cache, train a TopK SAE, report card, feature store."),
+    "demo": (DemoConfig, run_demo,
+             "The whole slice on the embedded model: cache, train a TopK SAE, report card, feature store."),
     "features": (FeaturesConfig, run_features, "Build a run's feature store (top contexts, quantile samples, "
                                                "histograms, density, logit lens, neighbours) in RUN_DIR/features."),
     "circuits": (CircuitsConfig, run_circuits, "Find a sparse feature circuit for a task (ioi, "
                  "greater_than, sva) with a run's SAE: RUN_DIR/circuits/graph.json + a layered figure."),
-    "app": (AppConfig, run_app, "Start the Streamlit workbench (runs, feature browser, live text, steering, circuits) on RUNS_DIR."),
+    "app": (AppConfig, run_app,
+            "Start the Streamlit workbench (runs, feature browser, live text, steering, circuits) on RUNS_DIR."),
 }
 
 
