@@ -250,3 +250,16 @@ class FeatureStore:
         order = sorted((i for i in counts.nonzero()[:, 0].tolist()), key=lambda i: (-int(counts[i]), -float(top1[i])))
         n = self._top_centre_tokens.shape[1]
         return [{"latent": i, "matches": int(counts[i]), "of": n, "top_value": float(top1[i])} for i in order[:limit]]
+
+    def search_lens(self, text: str, limit: int = 20) -> list[dict]:
+        """Latents whose logit lens (top promoted tokens) contains the token `text`, best rank first."""
+        ids = self.token_ids(text)
+        if not ids or not self.index.get("logit_lens"):
+            return []
+        top_ids = self.column("lens_top_ids")  # [d_sae, 10]
+        hits = torch.isin(top_ids, torch.tensor(ids, dtype=top_ids.dtype))
+        found = hits.any(1).nonzero()[:, 0].tolist()
+        rank = {i: int(hits[i].nonzero()[0, 0]) for i in found}
+        values = self.column("lens_top_values")
+        order = sorted(found, key=lambda i: (rank[i], -float(values[i, rank[i]])))
+        return [{"latent": i, "rank": rank[i] + 1, "logit": float(values[i, rank[i]])} for i in order[:limit]]

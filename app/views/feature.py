@@ -38,6 +38,11 @@ if token_query:
                                   f"max {h['top_value']:.3g}" for h in hits))
         else:
             st.caption(f"No latent has its top examples on the token {token_query.strip()!r}.")
+        lens_hits = store.search_lens(token_query)
+        if lens_hits:
+            st.markdown(f"Latents whose logit lens promotes **{token_query.strip()}**:")
+            st.markdown("\n".join(f"- {common.feature_link(h['latent'])}: rank {h['rank']}, logit {h['logit']:.3g}"
+                                   for h in lens_hits[:10]))
 
 if text_query:
     with right:

@@ -96,6 +96,13 @@ def test_store_lists_runs_and_searches_tokens(runs):
     hits = store.search_token(word)
     assert 0 in [h["latent"] for h in hits]
     assert store.search_token("no-such-token-xyz") == []
+    # logit-lens search agrees with the stored lens: every hit lists the token among its top promoted ids
+    lens_hits = store.search_lens(word)
+    ids = store.token_ids(word)
+    top_ids = store.column("lens_top_ids")
+    assert all(any(int(t) in ids for t in top_ids[h["latent"]]) for h in lens_hits)
+    promoted = store.token_str(int(top_ids[0, 0]))  # latent 0's most promoted token finds latent 0, at rank 1
+    assert {"latent": 0, "rank": 1} in [{k: h[k] for k in ("latent", "rank")} for h in store.search_lens(promoted)]
     with pytest.raises(ValueError, match="out of range"):
         store.latent(10_000)
     with pytest.raises(ValueError, match="saewb features"):
