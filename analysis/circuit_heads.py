@@ -5,7 +5,8 @@ z W_O in d_model) and averaged over positions (or the last position). One small 
 training.trainer.train_sae, not the paper's ReLU+L1 with row-normalised weights) is shared by all heads and trained
 on a few prompts; each (prompt, head) is discretised to argmax_i z_i; a head's node score is the number of codes seen
 on positive prompts but never on negatives, |C+ \\ C-| (optionally / |C+ u C-|), softmaxed over heads. Labels are
-explicit (no "first half are positives" assumption). Edge scoring is not implemented.
+explicit (no "first half are positives" assumption). Edge (head-pair) scores count code pairs seen on positives but
+never on negatives; the heads of the best pairs are counted and softmaxed into a second head ranking.
 """
 import math
 
@@ -67,6 +68,37 @@ def node_scores(codes: Tensor, positive: Tensor, normalise: bool = False) -> Ten
     return scores
 
 
+def edge_scores(codes: Tensor, positive: Tensor, normalise: bool = False) -> Tensor:
+    """score(h1, h2) = number of code pairs (c1, c2) seen on positive prompts but never on negatives (optionally /
+    all pairs seen), for h1 != h2: [n_heads, n_heads], symmetric, zero diagonal."""
+    positive = positive.to(torch.bool)
+    n_heads = codes.shape[1]
+    scores = torch.zeros(n_heads, n_heads)
+    rows = codes.tolist()
+    labels = positive.tolist()
+    for h1 in range(n_heads):
+        for h2 in range(h1 + 1, n_heads):
+            pos = {(r[h1], r[h2]) for r, p in zip(rows, labels) if p}
+            neg = {(r[h1], r[h2]) for r, p in zip(rows, labels) if not p}
+            value = len(pos - neg) / (len(pos | neg) if normalise else 1)
+            scores[h1, h2] = scores[h2, h1] = value
+    return scores
+
+
+def heads_from_edges(pair_scores: Tensor, top_pairs: int | None = None) -> Tensor:
+    """Head scores from the best pairs: how often a head belongs to one of the `top_pairs` best-scoring pairs
+    (default n_heads^2 / 2, as the reference code; pairs scoring 0 never count). [n_heads]."""
+    n_heads = pair_scores.shape[0]
+    i, j = torch.triu_indices(n_heads, n_heads, offset=1)
+    values = pair_scores[i, j]
+    top = values.argsort(descending=True)[: top_pairs or n_heads * n_heads // 2]
+    top = top[values[top] > 0]
+    counts = torch.zeros(n_heads)
+    counts.index_add_(0, i[top], torch.ones(len(top)))
+    counts.index_add_(0, j[top], torch.ones(len(top)))
+    return counts
+
+
 def roc_auc(scores: Tensor, truth: Tensor) -> float:
     """Probability that a true head outranks a false one (ties count half). truth: [n_heads] bool."""
     truth = truth.to(torch.bool)
@@ -97,16 +129,20 @@ def head_discovery(outputs: Tensor, positive: Tensor, names: list[str], truth: s
     if positive.all() or not positive.any():
         raise ValueError("Head scoring needs both positive and negative prompts.")
     sae = train_head_sae(outputs, d_sae, k, steps, n_train, seed)
-    raw = node_scores(discretise(sae, outputs), positive, normalise)
-    probabilities = torch.softmax(raw, 0)
-    result = {"heads": names, "scores": raw.tolist(), "softmax": probabilities.tolist(),
-              "ranking": [names[i] for i in raw.argsort(descending=True).tolist()]}
+    codes = discretise(sae, outputs)
+    raw = node_scores(codes, positive, normalise)
+    from_edges = heads_from_edges(edge_scores(codes, positive, normalise))
+    result = {"heads": names, "scores": raw.tolist(), "softmax": torch.softmax(raw, 0).tolist(),
+              "ranking": [names[i] for i in raw.argsort(descending=True).tolist()],
+              "edge_head_scores": from_edges.tolist(), "edge_softmax": torch.softmax(from_edges, 0).tolist(),
+              "edge_ranking": [names[i] for i in from_edges.argsort(descending=True).tolist()]}
     if truth:
         unknown = sorted(set(truth) - set(names))
         if unknown:
             raise ValueError(f"Ground-truth heads {unknown} are not heads of this model (names are 'layer.head').")
         mask = torch.tensor([n in truth for n in names])
-        result |= {"roc_auc": roc_auc(raw, mask), "best_f1": best_f1(raw, mask)}
+        result |= {"roc_auc": roc_auc(raw, mask), "best_f1": best_f1(raw, mask),
+                   "edge_roc_auc": roc_auc(from_edges, mask), "edge_best_f1": best_f1(from_edges, mask)}
     return result
 
 

@@ -165,6 +165,25 @@ def test_a_planted_head_gets_the_top_head_level_score():
     assert node_scores(torch.cat([codes, codes]), torch.arange(20) < 10).eq(0).all()  # identical pos/neg: all 0
     assert roc_auc(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([False, True, False])) == 1.0
     assert best_f1(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([False, True, True])) == 1.0
+    assert result["edge_ranking"][0] == "1.1"  # every pair with the planted head separates positives
+
+
+def test_edge_scores_are_symmetric_and_find_a_planted_pair():
+    from analysis.circuit_heads import edge_scores, heads_from_edges
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 3, (40, 6), generator=generator)
+    codes[20:] = codes[:20]  # negatives repeat the positives' codes exactly...
+    positive = torch.arange(40) < 20
+    assert edge_scores(codes, positive).eq(0).all()  # ...so no pair separates them
+    codes[:20, 2], codes[:20, 4] = 7, 8  # heads 2 and 4 jointly take codes seen only on positives
+    scores = edge_scores(codes, positive)
+    assert torch.equal(scores, scores.T) and scores.diagonal().eq(0).all()
+    assert scores[2, 4] == 1  # one new code pair, (7, 8)
+    # with any other head x, head 2's new code 7 makes one new pair per code x takes on positives
+    assert scores[2, 0] == len(set(codes[:20, 0].tolist())) and scores[0, 1] == 0
+    counts = heads_from_edges(scores)
+    assert set(counts.argsort(descending=True)[:2].tolist()) == {2, 4}
 
 
 def test_head_outputs_of_the_tiny_model(tiny_model, tiny_task):
