@@ -186,18 +186,31 @@ def run_model_name(run_dir: Path) -> str:
     return config["cache"]["model"]
 
 
-def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
+def run_saes(run_dir: Path, device: str = "cpu") -> dict[str, SAE]:
+    """{hook: SAE}: the run's SAE, or for a folder of SAEs trained together (`saewb train --hooks A B ...`)
+    one SAE per hook point, so the circuit spans several hooks."""
     from saes import load_sae
+
+    folders = [run_dir] if (run_dir / "cfg.json").is_file() else sorted(p.parent for p in run_dir.glob("*/cfg.json"))
+    if not folders:
+        raise ValueError(f"{run_dir} holds no SAE (cfg.json + sae_weights.safetensors): train one first.")
+    saes: dict[str, SAE] = {}
+    for folder in folders:
+        sae = load_sae(folder, device=device)
+        hook = sae.cfg.hook_name or sae.cfg.metadata.get("hook_name", "")
+        if hook in saes:
+            raise ValueError(f"{run_dir} has several SAEs at {hook}: pass one SAE folder, or a sweep with one SAE "
+                             "per hook (e.g. `saewb train --hooks A B --architectures topk --k 32`).")
+        saes[hook] = sae
+    return saes
+
+
+def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
     from training.model import load_model
 
     cfg.validate()
     run_dir = Path(cfg.run_dir)
-    if not (run_dir / "cfg.json").is_file():
-        inner = sorted(p for p in run_dir.glob("*/cfg.json"))
-        hint = f" it is a sweep: pass one of its SAE folders, e.g. {inner[0].parent}" if inner else ""
-        raise ValueError(f"{run_dir} holds no SAE (cfg.json + sae_weights.safetensors):{hint or ' train one first'}.")
-    sae = load_sae(run_dir, device=cfg.device)
-    hook = sae.cfg.hook_name or sae.cfg.metadata.get("hook_name", "")
+    saes = run_saes(run_dir, cfg.device)
     model = model or load_model(cfg.model or run_model_name(run_dir), device=cfg.device)
     task = build_task(cfg.task, model.tokenizer, cfg.n_prompts, cfg.seed)
     if task.n_skipped:
@@ -205,7 +218,7 @@ def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
               f"({', '.join(f'{k}' for k in list(task.skipped)[:8])}{', ...' if len(task.skipped) > 8 else ''}).")
     if task.note:
         print(task.note)
-    graph = compute_circuit(model, {hook: sae}, cfg, task)
+    graph = compute_circuit(model, saes, cfg, task)
     print(graph["task"]["message"])
     out = save_circuit(graph, run_dir)
     ev = graph["evaluation"]

@@ -212,3 +212,21 @@ def test_cli_writes_the_circuit_and_reports_bad_thresholds(tmp_path, tiny_model,
     assert "selects no node" in capsys.readouterr().err
     assert main(["circuits", "--run-dir", str(run_dir), "--task", "docstring"]) == 1
     assert "Unknown task" in capsys.readouterr().err
+
+
+def test_cli_spans_the_hooks_of_saes_trained_together(tmp_path, tiny_model, tiny_cache_cfg):
+    import json
+
+    from app.cli import main
+    from training.run import TrainConfig, train
+
+    sweep = tmp_path / "sweep"
+    train(TrainConfig(cache=tiny_cache_cfg, hooks=list(tiny_cache_cfg.hooks), k=[8], expansion=2, batch_size=256,
+                      checkpoint_every=0, wandb="off", run_dir=sweep), model=tiny_model, progress=False)
+    assert main(["circuits", "--run-dir", str(sweep), "--task", "sva", "--n-prompts", "8", "--ig-steps", "2",
+                 "--node-threshold", "0", "--max-nodes-per-hook", "4"]) == 0
+    graph = json.loads((sweep / "circuits" / "graph.json").read_text())
+    assert graph["hooks"] == list(tiny_cache_cfg.hooks)
+    hooks_of = {n["id"]: n["hook"] for n in graph["nodes"]}
+    assert any(hooks_of[e["source"]] == tiny_cache_cfg.hooks[0] and hooks_of[e["target"]] == tiny_cache_cfg.hooks[1]
+               for e in graph["edges"])  # edges between SAE nodes at consecutive hook points
