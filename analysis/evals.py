@@ -22,7 +22,7 @@ from analysis.eval_synthetic import (matched_cosines, planted_benchmark, planted
                                      stability)
 from saes import load_sae
 from saes.base import SAE
-from training.activation_store import ActivationCache, CacheError
+from training.activation_store import ActivationCache, CacheError, write_json_atomic
 
 WEIGHTS = "sae_weights.safetensors"
 
@@ -177,7 +177,7 @@ def write_card(card: dict, folder: Path) -> None:
     from analysis.eval_compare import card_figures
 
     (folder / "figures").mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(card, indent=2))
+    write_json_atomic(folder / "metrics.json", card)  # the demo reuses it: never leave it half-written
     for stale in (folder / "figures").glob("*.json"):  # e.g. a budget curve from an earlier evaluation
         stale.unlink()
     for name, figure in card_figures(card).items():

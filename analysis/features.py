@@ -19,6 +19,7 @@ Special tokens (BOS/EOS) and outlier-norm tokens are left out of every statistic
 """
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from tyro.conf import Positional
+
+from training.activation_store import write_json_atomic
 
 FEATURES_DIR = "features"
 INDEX = "index.json"
@@ -294,7 +297,9 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous() for name, t in tensors.items()}
     tensors = {name: (t.float() if t.dtype == torch.float64 else t) for name, t in tensors.items()}
-    save_file(tensors, str(out / TENSORS))
+    (out / INDEX).unlink(missing_ok=True)  # the index is the store's "finished" mark: gone until it is rewritten
+    save_file(tensors, str(out / f".{TENSORS}.tmp"))
+    os.replace(out / f".{TENSORS}.tmp", out / TENSORS)
     (out / VOCAB).write_text(json.dumps(token_strings(model.tokenizer)))
     index = {
         "version": 1, "model": facts["model"], "hook": facts["hook"], "cache": facts["cache"],
@@ -307,7 +312,7 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
         "shards": cfg.max_shards or cache.n_shards,
         "tensors": sorted(tensors),
     }
-    (out / INDEX).write_text(json.dumps(index, indent=2))
+    write_json_atomic(out / INDEX, index)
     return out
 
 

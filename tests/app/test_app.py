@@ -269,3 +269,22 @@ def test_signed_sae_keeps_most_negative_contexts(runs, brute):
     assert torch.allclose(out["bottom_values"][:, 0], codes.min(0).values, rtol=1e-5)
     assert torch.allclose(out["top_values"][:, 0].nan_to_num(0), codes.max(0).values.clamp(min=0), rtol=1e-5)
     assert (out["hist"].sum(1) + out["hist_neg"].sum(1)).tolist() == (codes != 0).sum(0).tolist()
+
+
+def test_an_interrupted_feature_build_leaves_no_store_that_reads_as_valid(runs, tmp_path, monkeypatch):
+    import shutil
+
+    import analysis.features as features
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(runs / "tiny", run_dir)
+    assert FeatureStore(run_dir / "features").d_sae > 0  # the copied store is valid before the rebuild
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(FeaturesConfig(run_dir=run_dir, top_n=8, samples=12, progress=False))
+    with pytest.raises(ValueError, match="saewb features"):
+        FeatureStore(run_dir / "features")
