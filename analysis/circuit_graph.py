@@ -56,13 +56,17 @@ class CircuitsConfig:
 
 
 def logit_lens_labels(model, sae: SAE, latents: list[int], n_tokens: int = 3) -> dict[int, str]:
-    """'#i: tok1|tok2|tok3' from decoder row @ W_U when the SAE reads d_model, else '#i'."""
+    """'#i: tok1|tok2|tok3', the top tokens of the latent's direct path to the logits (through the final norm's
+    weight, `training.model.direct_logits`) when the SAE reads d_model, else '#i'."""
+    from training.model import direct_logits
+
     labels = {i: f"#{i}" for i in latents}
     W_U = getattr(model, "W_U", None)
     if W_U is None or not latents or W_U.shape[0] != sae.cfg.d_in:
         return labels
     with torch.no_grad():
-        top = (sae.W_dec[latents].float() @ W_U.float().cpu()).topk(n_tokens, dim=-1).indices
+        directions = sae.W_dec[latents].detach() / sae.input_scale  # [n, d_model]
+        top = direct_logits(model, directions).topk(n_tokens, dim=-1).indices
     for i, row in zip(latents, top.tolist()):
         labels[i] = f"#{i}: " + "|".join(model.tokenizer.decode([t]).strip() or repr(model.tokenizer.decode([t]))
                                          for t in row)

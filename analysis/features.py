@@ -8,8 +8,9 @@
 - density (fraction of tokens where the latent is non-zero) and mean activation when firing,
 - for signed SAEs (AbsTopK, signed MP) the most negative contexts as well;
 
-then, from the weights alone, the logit lens (top/bottom tokens of W_dec[i] @ W_U; the final norm is ignored,
-so this is the direct path through the unembedding only) and the nearest latents by decoder cosine.
+then, from the weights alone, the logit lens (top/bottom tokens of the latent's direct path to the logits through
+the final norm's weight and the unembedding, `training.model.direct_logits`) and the nearest latents by decoder
+cosine.
 
 Layout of `run_dir/features/`: `index.json` (metadata, sizes, bin edges), `features.safetensors` (every tensor
 has the latent as its first axis, so `safe_open(...).get_slice(name)[i]` loads one latent cheaply) and
@@ -34,8 +35,9 @@ FEATURES_DIR = "features"
 INDEX = "index.json"
 TENSORS = "features.safetensors"
 VOCAB = "vocab.json"
-LOGIT_LENS_NOTE = ("Logit lens: W_dec[i] @ W_U, the latent's direct effect on the logits through the unembedding; "
-                   "the model's final norm is ignored.")
+LOGIT_LENS_NOTE = ("Logit lens: (γ ⊙ d_i) @ W_U (+ b_U), the latent's direct effect on the logits per unit of code, "
+                   "d_i its decoder row in activation space and γ the final norm's weight (a LayerNorm also centres "
+                   "d_i); the norm's per-token 1/rms scale is left out, as it reorders no token.")
 
 
 @dataclass
@@ -222,12 +224,14 @@ def collect(sae, cache, hook: str, cfg: FeaturesConfig) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def logit_lens(W_dec: Tensor, W_U: Tensor, k: int = 10, chunk: int = 512) -> dict[str, Tensor]:
-    """Top/bottom k tokens of W_dec[i] @ W_U per latent (final norm ignored): ids and values, [d_sae, k] each."""
+def logit_lens(model, directions: Tensor, k: int = 10, chunk: int = 512) -> dict[str, Tensor]:
+    """Top and bottom k tokens of each latent's direct path to the logits: ids and values, [d_sae, k] each.
+    directions: decoder rows in activation space [d_sae, d_model]."""
+    from training.model import direct_logits
+
     tops, topv, bots, botv = [], [], [], []
-    W_U = W_U.float()
-    for part in W_dec.float().split(chunk):
-        logits = part @ W_U
+    for part in directions.split(chunk):
+        logits = direct_logits(model, part)  # [chunk, vocab]
         v, i = logits.topk(k, dim=1)
         tops.append(i), topv.append(v)
         v, i = logits.topk(k, dim=1, largest=False)
@@ -291,7 +295,7 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
     W_U = model.W_U.detach()
     has_lens = W_dec.shape[1] == W_U.shape[0]
     if has_lens:
-        tensors |= logit_lens(W_dec, W_U)
+        tensors |= logit_lens(model, W_dec / sae.input_scale)
     tensors |= decoder_neighbours(W_dec)
     out = features_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,15 @@ def save_sweep(rows: list[dict], folder: Path, wandb_mode: str = "off") -> Path:
 
 
 def logit_lens_latents(model, sae: SAE, token: str, n: int = 5) -> list[tuple[int, float]]:
-    """Latents whose decoder direction most raises `token`'s logit through the unembedding (final norm ignored):
-    a quick way to find a latent to steer with. Returns (latent, score) pairs, best first."""
+    """Latents whose decoder direction most raises `token`'s logit along the direct path (through the final norm's
+    weight and the unembedding, `training.model.direct_logits`): a quick way to find a latent to steer with.
+    Returns (latent, score) pairs, best first; the score is the logit change per unit of code."""
+    from training.model import direct_logits
+
     ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"{token!r} is {len(ids)} tokens for this tokenizer; pick a single-token word.")
     directions = sae.W_dec.detach() / sae.input_scale  # [d_sae, d]
-    scores = directions @ model.W_U.detach()[:, ids[0]].to(directions.dtype)  # [d_sae]
+    scores = direct_logits(model, directions, token_ids=ids)[:, 0]  # [d_sae]
     top = scores.topk(n)
     return list(zip(top.indices.tolist(), top.values.tolist()))

@@ -203,3 +203,27 @@ def describe(model) -> dict:
     cfg = model.cfg
     return {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
             "tokenizer": getattr(model.tokenizer, "name_or_path", "")}
+
+
+def direct_logits(model, directions: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+    """The direct path of residual-stream directions to the logits (the logit lens): (γ ⊙ d) @ W_U + b_U.
+
+    γ is the final norm's weight (SmolLM2's is far from uniform, so leaving it out changes which tokens a direction
+    promotes); a LayerNorm also centres d first. The norm's 1/rms(x) factor depends on the token, not on d, and
+    is positive, so it is left out: it scales a row of the lens without reordering it. b_U is added where the
+    model has one (zeros for Llama-style models). directions: [n, d_model] -> [n, vocab] (or [n, len(token_ids)]).
+    """
+    W_U = model.W_U.detach()  # [d_model, vocab]
+    d = directions.to(W_U.device, torch.float32)
+    norm = getattr(model, "ln_final", None)
+    gamma = getattr(norm, "weight", None)
+    if str(getattr(model.cfg, "normalization_type", "")).upper().startswith("LN"):
+        d = d - d.mean(-1, keepdim=True)  # LayerNorm removes the mean before scaling
+    if gamma is not None:
+        d = d * gamma.detach().float()
+    b_U = getattr(model, "b_U", None)
+    if token_ids is not None:
+        W_U = W_U[:, token_ids]
+        b_U = None if b_U is None else b_U[token_ids]
+    logits = d @ W_U.float()
+    return logits if b_U is None else logits + b_U.detach().float()
