@@ -19,6 +19,7 @@ from saes.choice import FeatureChoiceConfig, FeatureChoiceSAE, MutualChoiceConfi
 from saes.gradient import GradientTopKConfig, GradientTopKSAE
 from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
+from saes.thresholds import ThresholdCalibrator, calibrate_thresholds
 
 ARCHITECTURES: dict[str, type[SAE]] = {
     "topk": TopKSAE,
@@ -66,5 +67,5 @@ def load_sae(path: str | Path, architecture: str | None = None, device: str | to
     return load_state(sae, path, device)
 
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEOutput", "TopKConfig", "TopKSAE", "build_sae", "load_sae",
-           "sae_class", "save_sae"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEOutput", "ThresholdCalibrator", "TopKConfig", "TopKSAE",
+           "build_sae", "calibrate_thresholds", "load_sae", "sae_class", "save_sae"]

@@ -6,7 +6,8 @@ Codes are signed (`signed = True`): a latent fires when z != 0, and tools that a
 (`saes.base.require_nonnegative`).
 Selection scope (config `selection`): "per_token" is the paper's H_k and SAELens's "abstopk"; "batch" keeps
 the k*batch largest |u| of the batch, like the released code's `BatchAbsoluteKSAE` (unverified, §4.2), and
-then infers per token with a magnitude threshold z = u * [|u| > θ], θ tracked exactly as BatchTopK's.
+then infers per token with a magnitude threshold z = u * [|u| > θ], θ calibrated exactly as BatchTopK's (the mean
+over training batches of the smallest kept |u|, final weights frozen).
 AuxK ranks dead latents by |u| and keeps their sign (a workbench choice, as SAELens does).
 """
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from saes import ops
 from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saes.thresholds import require_calibrated
 
 SELECTIONS = ("per_token", "batch")
 
@@ -50,10 +52,9 @@ class AbsTopKSAE(BatchTopKSAE):
         if self.cfg.selection == "per_token":
             return abs_topk_codes(pre_acts, self.cfg.k)
         if train:
-            codes = ops.batch_topk_codes(pre_acts, self.cfg.k, signed=True)  # [batch, d_sae]
-            self._batch_min = ops.min_kept(codes)
-            return codes
-        return pre_acts * (pre_acts.abs() > self.threshold.clamp_min(0.0))
+            return ops.batch_topk_codes(pre_acts, self.cfg.k, signed=True)  # [batch, d_sae]
+        require_calibrated(self)
+        return pre_acts * (pre_acts.abs() > self.threshold)
 
     def aux_losses(self, pre_acts, codes, x_scaled, x_hat_scaled, dead_mask) -> dict[str, Tensor]:
         """AuxK (§1.5) with dead latents ranked by |u| and decoded with their sign."""

@@ -98,6 +98,8 @@ class SAE(nn.Module):
     """True when training needs the per-token gradient stored in the activation cache (g-SAE, §8)."""
     batch_dependent: ClassVar[bool] = False
     """True when train-mode selection depends on the whole batch (BatchTopK, Mutual/Feature Choice)."""
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam (beta1, beta2) of the variant's paper; the trainer uses them unless --loop.adam-betas overrides."""
     tied: ClassVar[bool] = False
     """True when the encoder is the dictionary itself (MP-SAE, §7.1): no W_enc/b_enc parameters exist or are saved."""
 

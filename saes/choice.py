@@ -9,17 +9,14 @@ Both treat sparsity as a budget of k*batch token-latent matches per batch rather
 Our choices where the paper is unverified ([U] in the spec):
 * capacities: "uniform" m_j = k*batch/d_sae, or "zipf" m_j ∝ (j+1)^-s by latent index; shares above the batch are
   capped and the rest re-spread, then largest-remainder rounding makes them sum to k*batch exactly;
-* single-token inference (§6.4, our design): per-latent JumpReLU thresholds θ_j, saved as `threshold`. θ_j starts at
-  the smallest activation latent j kept in a batch, then tracks the quantile that passes as many tokens as the batch
-  selection keeps (Robbins-Monro, multiplicative steps). This deviates from §6.4's EMA of the kept minimum: with a
-  capacity of a few tokens that minimum jumps between the latent's true firings and noise from batch to batch, and
-  its average missed the training firing rate by -34%..+38% on planted data (tracking: mostly ±20%). θ compares with
-  u, which folding the input scale leaves unchanged, so `fold_extra` has nothing to do;
+* single-token inference (§6.4, our design): per-latent JumpReLU thresholds θ_j, saved as `threshold`, calibrated
+  like BatchTopK's θ once training ends (saes/thresholds.py): θ_j is the mean over training batches of the smallest
+  activation latent j kept, with the final weights frozen; a latent that never kept a token never fires. Capacities
+  follow the current k, so k-annealing changes them step by step;
 * aux_zipf (§6.3) is EXPERIMENTAL and its formula is our reading: AuxK over the latents whose EMA firing frequency is
   below gamma times their Zipf-expected frequency (plus any dead ones), instead of over dead latents only.
 """
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +26,7 @@ from saes import ops
 from saes.base import SAE, SAEConfig, SAEOutput, check_k
 from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saes.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saes.thresholds import require_calibrated
 
 
 @dataclass
@@ -93,10 +91,6 @@ class FeatureChoiceConfig(SAEConfig):
     """How the k*batch matches are split: "uniform" or "zipf" (latent j gets a share ∝ (j+1)^-zipf_exponent)."""
     zipf_exponent: float = 1.0
     """Exponent s of the Zipf capacities and of aux_zipf's expected frequencies."""
-    threshold_rate: float = 0.01
-    """Step of the θ_j tracker in log space: a higher rate adapts faster but jitters more (§6.4)."""
-    threshold_start_step: int = 1000
-    """Optimiser steps before θ_j is estimated: early batches, before the encoder settles, would bias it."""
     aux_zipf: bool = False
     """EXPERIMENTAL (§6.3, formula is our reading): AuxK over under-used latents instead of dead ones."""
     aux_zipf_gamma: float = 0.1
@@ -112,11 +106,8 @@ class FeatureChoiceConfig(SAEConfig):
         if self.zipf_exponent < 0 or self.aux_zipf_gamma <= 0:
             raise ValueError(f"zipf_exponent must be >= 0 and aux_zipf_gamma > 0, got {self.zipf_exponent}, "
                              f"{self.aux_zipf_gamma}.")
-        if not 0.0 <= self.aux_zipf_decay < 1.0 or not 0.0 < self.threshold_rate <= 1.0:
-            raise ValueError(f"aux_zipf_decay must be in [0, 1) and threshold_rate in (0, 1], got "
-                             f"{self.aux_zipf_decay}, {self.threshold_rate}.")
-        if self.threshold_start_step < 0:
-            raise ValueError(f"threshold_start_step must be >= 0, got {self.threshold_start_step}.")
+        if not 0.0 <= self.aux_zipf_decay < 1.0:
+            raise ValueError(f"aux_zipf_decay must be in [0, 1), got {self.aux_zipf_decay}.")
 
 
 class FeatureChoiceSAE(SAE):
@@ -127,34 +118,34 @@ class FeatureChoiceSAE(SAE):
 
     def __init__(self, cfg: FeatureChoiceConfig, seed: int | None = 0):
         super().__init__(cfg, seed)
-        # θ_j < 0 means "not estimated yet": inference then keeps every positive pre-activation of latent j (ReLU).
+        # θ_j < 0 means "not calibrated yet" (inference refuses); +inf means latent j never fires.
         self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
-        self.register_buffer("firing_freq", torch.full((cfg.d_sae,), -1.0), persistent=False)  # < 0: unknown
-        self.steps = 0
-        """Optimiser steps seen by `after_step` in this process (not saved: a resumed run restarts the delay)."""
-        self._kept_min: Tensor | None = None  # [d_sae], inf where the latent kept nothing
-        self._kept: Tensor | None = None  # [d_sae], tokens each latent kept in the batch
-        self._passed: Tensor | None = None  # [d_sae], tokens the current θ_j would pass in the batch
-        self._batch = 1  # tokens in that batch
-        self._capacities: dict[int, Tensor] = {}
+        # EMA of each latent's training firing rate (aux_zipf); < 0: unknown. Persistent, so a resume is exact.
+        self.register_buffer("firing_freq", torch.full((cfg.d_sae,), -1.0))
+        self._fired: Tensor | None = None  # [d_sae], share of this batch's tokens each latent kept; for after_step
+        self._capacities: dict[tuple[int, int], Tensor] = {}
 
     def capacities(self, batch: int) -> Tensor:
-        """m_j for a batch of this many tokens, long [d_sae] (cached per batch size)."""
-        if batch not in self._capacities:
+        """m_j for a batch of this many tokens at the current k, long [d_sae] (cached per (batch, k))."""
+        key = (batch, self.cfg.k)
+        if key not in self._capacities:
             exponent = self.cfg.zipf_exponent if self.cfg.capacity == "zipf" else None
-            self._capacities[batch] = feature_capacities(self.cfg.d_sae, batch, self.cfg.k, exponent)
-        return self._capacities[batch]
+            self._capacities[key] = feature_capacities(self.cfg.d_sae, batch, self.cfg.k, exponent)
+        return self._capacities[key]
 
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         if not train:
-            return pre_acts * (pre_acts > self.threshold.clamp_min(0.0))  # per token: never batch-dependent
+            require_calibrated(self)
+            return pre_acts * (pre_acts > self.threshold)  # per token: never batch-dependent
         codes = feature_choice_codes(pre_acts, self.capacities(pre_acts.shape[0]))  # [batch, d_sae]
-        kept = codes.detach()
-        self._kept_min = kept.masked_fill(kept <= 0, math.inf).amin(0)
-        self._kept = (kept != 0).sum(0).to(self.threshold.dtype)
-        self._batch = pre_acts.shape[0]
-        self._passed = (pre_acts.detach() > self.threshold.clamp_min(0.0)).sum(0).to(self.threshold.dtype)
+        self._fired = (codes.detach() != 0).float().mean(0).to(self.firing_freq.dtype)
         return codes
+
+    @staticmethod
+    def smallest_kept(codes: Tensor) -> Tensor:
+        """This batch's observation of θ_j: latent j's smallest kept code, inf where it kept none. -> [d_sae]."""
+        kept = codes.detach()
+        return kept.masked_fill(kept <= 0, torch.inf).amin(0)
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
         out = super().forward(x, dead_mask=dead_mask, grad=grad)
@@ -162,20 +153,14 @@ class FeatureChoiceSAE(SAE):
         return out
 
     def after_step(self) -> None:
-        """Renormalise the decoder, then update θ_j and the firing-rate EMA from this batch's selection."""
+        """Renormalise the decoder, then fold this batch's firing rates into their EMA (used by aux_zipf)."""
         super().after_step()
-        self.steps += 1
-        if self._kept_min is None:
+        if self._fired is None:
             return
-        if self.steps > self.cfg.threshold_start_step:
-            # θ_j rises when it would pass more tokens than the batch kept, falls when fewer (relative error, clipped).
-            error = ((self._passed - self._kept) / (self._kept + 1)).clamp(-1.0, 1.0)  # [d_sae]
-            tracked = self.threshold * torch.exp(self.cfg.threshold_rate * error)
-            first = (self.threshold < 0) & torch.isfinite(self._kept_min)  # first estimate: the kept minimum
-            self.threshold.copy_(torch.where(first, self._kept_min, torch.where(self.threshold < 0, -1.0, tracked)))
-        fired, decay = self._kept / self._batch, self.cfg.aux_zipf_decay
-        self.firing_freq.copy_(torch.where(self.firing_freq < 0, fired, decay * self.firing_freq + (1 - decay) * fired))
-        self._kept_min = self._kept = self._passed = None
+        decay = self.cfg.aux_zipf_decay
+        self.firing_freq.copy_(torch.where(self.firing_freq < 0, self._fired,
+                                           decay * self.firing_freq + (1 - decay) * self._fired))
+        self._fired = None
 
     def under_used(self) -> Tensor:
         """Latents firing below gamma times their Zipf-expected frequency (§6.3, experimental) -> bool [d_sae].
@@ -201,7 +186,7 @@ class FeatureChoiceSAE(SAE):
 
     # ---- export ---------------------------------------------------------------------------------------
     def extra_tensors(self) -> dict[str, Tensor]:
-        """θ_j [d_sae], the layout of a SAELens JumpReLU threshold (a negative value means not estimated)."""
+        """θ_j [d_sae], the layout of a SAELens JumpReLU threshold (a negative value means not calibrated)."""
         return {"threshold": self.threshold.detach().clone()}
 
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -221,5 +206,6 @@ class FeatureChoiceSAE(SAE):
         jump = JumpReLUSAE(JumpReLUConfig(**shared, apply_b_dec_to_input=True), seed=None)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec", "input_scale"):
             getattr(jump, name).copy_(getattr(self, name))
-        jump.log_threshold.copy_(self.threshold.clamp_min(0.0).log())  # θ = 0 -> log θ = -inf: plain ReLU
+        require_calibrated(self)
+        jump.log_threshold.copy_(self.threshold.log())  # θ = 0 -> log θ = -inf: plain ReLU; θ = inf: never fires
         return jump

@@ -64,10 +64,15 @@ def prefix_sq_errors(e0: Tensor, values: Tensor, rows: Tensor) -> Tensor:
 
     e0: [batch, d_in] = x - b_dec; values: [batch, K] in selection order; rows: [batch, K, d_in] the matching decoder
     rows -> [batch, K]. Beyond the gathered rows it stores O(batch K^2), where a cumsum would store several
-    [batch, K, d_in] tensors for backward. Computed in at least fp32: the identity subtracts large terms.
+    [batch, K, d_in] tensors for backward. Computed in at least fp32, with autocast off (bf16 matmuls under
+    autocast gave errors of ~1 on ||x||^2 ~ 600): the identity subtracts large terms.
     """
-    dtype = torch.promote_types(values.dtype, torch.float32)
-    e0, values, rows = e0.to(dtype), values.to(dtype), rows.to(dtype)
+    with torch.autocast(e0.device.type, enabled=False):
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        return _prefix_sq_errors(e0.to(dtype), values.to(dtype), rows.to(dtype))
+
+
+def _prefix_sq_errors(e0: Tensor, values: Tensor, rows: Tensor) -> Tensor:
     corr = (rows @ e0.unsqueeze(-1)).squeeze(-1)  # [batch, K]: <d_m, e0>
     gram = rows @ rows.transpose(1, 2)  # [batch, K, K]: <d_m, d_m'>
     pair = values.unsqueeze(-1) * gram * values.unsqueeze(-2)  # [batch, K, K]: v_m v_m' <d_m, d_m'>

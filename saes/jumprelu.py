@@ -84,6 +84,7 @@ class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     config_cls = JumpReLUConfig
     cfg: JumpReLUConfig
+    adam_betas = (0.0, 0.999)  # the paper (App. I) and dictionary_learning: no first-moment momentum
 
     def __init__(self, cfg: JumpReLUConfig, seed: int | None = 0):
         super().__init__(cfg, seed)

@@ -1,7 +1,9 @@
 """TopK SAE (Makhzani & Frey 2013; Gao et al. 2024, arXiv 2406.04093), algorithms.md §2.
 
 Selection: the k largest pre-activations per token, ReLU'd. Loss: MSE + AuxK/32 on dead latents,
-plus the optional Multi-TopK term FVU(4k)/8 (sparsify's `multi_topk`).
+plus the optional Multi-TopK term (sparsify's `multi_topk`: FVU + FVU(4k)/8). Our main loss is the squared error
+summed over d_in, so the 4k term is that same error at 4k, divided by 8: both share the batch-variance normaliser,
+so its weight relative to the main loss is sparsify's whatever the normalisation.
 """
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ class TopKConfig(SAEConfig):
     k: int = 32
     """Active latents per token."""
     multi_topk: bool = False
-    """Add FVU at 4k divided by 8 so the SAE also works at larger k (Gao et al., progressive codes)."""
+    """Add the reconstruction error at 4k divided by 8 so the SAE also works at larger k (Gao et al.; sparsify)."""
     sparse_kernel: bool = False
     """Train with the sparse path of saes/sparse_topk.py (same math, work after the encoder scales with k)."""
 
@@ -63,5 +65,5 @@ class TopKSAE(SAE):
         if self.cfg.multi_topk:
             big_k = min(4 * self.cfg.k, self.cfg.d_sae)
             x_hat_big = ops.topk_codes(pre_acts, big_k) @ self.W_dec + self.b_dec
-            losses["multi_topk"] = ops.fvu(x_scaled, x_hat_big) / 8
+            losses["multi_topk"] = ops.mse_sum(x_scaled, x_hat_big) / 8  # same units as `mse` (§2.2)
         return losses

@@ -1,7 +1,7 @@
 """Data-parallel helpers over torch.distributed (NCCL on GPUs, gloo on CPU); no-ops in a single process.
 
 Every rank holds the same SAE (same seed), reads its own shards, and after each backward the gradients are
-averaged, so the ranks stay identical; floating buffers (threshold EMAs) are averaged after each step.
+averaged, so the ranks stay identical; floating buffers (firing-rate EMAs) are averaged after each step.
 Launch with `torchrun --nproc-per-node N -m app.cli train ...`.
 """
 import os
@@ -59,6 +59,12 @@ def combine_fired(fired: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
     fired_count = fired.to(torch.int32)
     torch_dist.all_reduce(fired_count, op=torch_dist.ReduceOp.MAX)
     return fired_count.bool(), tokens * world_size()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> None:
+    """In place: the sum of this tensor over ranks (threshold calibration adds up its per-rank observations)."""
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
 def shards_for_rank(shards: list[int]) -> list[int]:

@@ -7,6 +7,7 @@ One SAE: `run_dir/` is its run folder. Several (the product of --architectures, 
 """
 import dataclasses
 import itertools
+from itertools import islice
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from saes import build_sae, load_sae, sae_class, save_sae
 from saes.base import SAE
+from saes.thresholds import ThresholdCalibrator
 from training import distributed as dist
 from training.activation_store import ActivationCache
 from training.caching import CacheConfig, cache_activations
@@ -91,6 +93,7 @@ class TrainConfig:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}.")
         if self.batch_size % dist.world_size():
             raise ValueError(f"--batch-size {self.batch_size} must divide evenly over {dist.world_size()} ranks.")
+        self.loop.validate()
         self.cache.validate()
 
     @property
@@ -234,15 +237,12 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
     if steps <= 0:
         raise ValueError(f"Not enough tokens for one batch of {cfg.batch_size}: cache more --cache.tokens or lower "
                          "--batch-size.")
-    for sae, _ in saes.values():  # threshold EMAs must start within the run, or inference never gets a threshold
-        if hasattr(sae.cfg, "threshold_start_step") and "threshold_start_step" not in cfg.sae_options:
-            sae.cfg.threshold_start_step = min(sae.cfg.threshold_start_step, steps // 5)
     trainer = Trainer(saes, cfg.loop, steps)
     resumed_from = None
     if status == "resume":
         resumed_from = latest_checkpoint(cfg.run_dir)
         trainer.load_state_dict(load_checkpoint(resumed_from))
-    run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from)
+    run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from, make_batches)
     summaries = {}
     if dist.is_main():
         for name, (sae, hook) in saes.items():
@@ -260,9 +260,27 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
     return summaries
 
 
+def calibrate(trainer: Trainer, batches, n_batches: int, progress: bool) -> None:
+    """Inference thresholds of the batch-dependent SAEs from `n_batches` training batches, weights frozen (§3.1).
+
+    Every rank observes its own batches; the sums are combined so all ranks end with the same θ."""
+    calibrators = {name: ThresholdCalibrator(s.sae) for name, s in trainer.states.items() if s.sae.batch_dependent}
+    if not calibrators:
+        return
+    for batch in tqdm(islice(batches, n_batches), total=n_batches, desc="calibrate thresholds", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
+        for name, calibrator in calibrators.items():
+            calibrator.observe(batch[trainer.states[name].hook])
+    for calibrator in calibrators.values():
+        dist.sum_over_ranks(calibrator.total)
+        dist.sum_over_ranks(calibrator.count)
+        calibrator.finish()
+
+
 def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: dict, folders: dict[str, Path],
-             progress: bool, resumed_from: Path | None) -> None:
-    """Step through the batches with progress, metrics, histograms and checkpoints."""
+             progress: bool, resumed_from: Path | None, make_batches) -> None:
+    """Step through the batches with progress, metrics, histograms and checkpoints; calibrate thresholds at the
+    end (on a fresh pass over the training batches, `make_batches()`), then write the final checkpoint and SAEs."""
     main = dist.is_main()
     for _ in range(trainer.step):  # exact resume: skip the batches already trained on
         next(batches)
@@ -316,6 +334,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                 save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
                 logger.flush()
                 next_checkpoint += cfg.checkpoint_every
+        calibrate(trainer, make_batches(), cfg.loop.calibration_batches, progress and main)
         if main:
             save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
             for name, state in trainer.states.items():

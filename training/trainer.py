@@ -3,13 +3,15 @@
 Per step and per SAE (algorithms.md §1.3-§1.6): LR warm-up and linear decay, optional sparsity-coefficient
 warm-up (variants with a `sparsity_coef`) and k-annealing (variants with a `k`), forward (bf16 autocast on GPU,
 fp32 master weights), non-finite guard, backward, gradient averaging across ranks, the variant's
-`after_backward` (gradient projection), clipping, Adam, `after_step` (decoder renormalisation, threshold EMAs),
-and dead latents counted in tokens (§1.4) feeding AuxK (§1.5).
+`after_backward` (gradient projection), clipping, Adam (each variant's paper betas), `after_step` (decoder
+renormalisation, firing-rate EMAs), and dead latents counted in tokens (§1.4) feeding AuxK (§1.5).
+Batch-dependent variants get their inference threshold calibrated on training batches once training ends (§3.1).
 All state needed for a bit-identical resume is in `state_dict()`.
 """
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saes.base import SAE
+from saes.thresholds import DEFAULT_CALIBRATION_BATCHES, ThresholdCalibrator
 from training import distributed as dist
 
 
@@ -40,6 +43,17 @@ class LoopConfig:
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'off'. Master weights stay fp32."""
     compile: bool = False
     """torch.compile each SAE's forward."""
+    adam_betas: tuple[float, float] | None = None
+    """Adam (beta1, beta2); None uses each variant's paper defaults (JumpReLU (0.0, 0.999), others (0.9, 0.999))."""
+    calibration_batches: int = DEFAULT_CALIBRATION_BATCHES
+    """Training batches, with the final weights frozen, that calibrate the inference threshold of batch-dependent
+    variants (BatchTopK, Mutual/Feature Choice, batch AbsTopK; §3.1)."""
+
+    def validate(self) -> None:
+        if self.calibration_batches <= 0:
+            raise ValueError(f"--loop.calibration-batches must be positive, got {self.calibration_batches}.")
+        if self.adam_betas is not None and not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"--loop.adam-betas must both lie in [0, 1), got {self.adam_betas}.")
 
 
 def default_lr(d_sae: int) -> float:
@@ -99,7 +113,8 @@ class SAEState:
         self.name, self.sae, self.hook = name, sae, hook
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
         fused = sae.W_dec.is_cuda
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999), fused=fused or None)
+        betas = tuple(cfg.adam_betas) if cfg.adam_betas is not None else sae.adam_betas
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, fused=fused or None)
         self.counter = DeadLatentCounter(sae.cfg.d_sae, cfg.dead_tokens, device=sae.W_dec.device)
         self.target_k = getattr(sae.cfg, "k", None)
         self.target_sparsity = getattr(sae, "sparsity_coef", None)
@@ -211,9 +226,17 @@ def train_sae(
     *,
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    calibration_batches: Iterable[Tensor | tuple[Tensor, Tensor]] | None = None,
 ) -> list[dict[str, float]]:
-    """Train one SAE in place on an iterable of batches for `steps` steps; returns the per-step records."""
-    trainer = Trainer({"sae": (sae, "x")}, cfg or LoopConfig(), steps)
+    """Train one SAE in place on an iterable of batches for `steps` steps; returns the per-step records.
+
+    A batch-dependent SAE then has its inference threshold calibrated (§3.1) on `calibration_batches`, else on
+    `batches` again when it can be iterated twice (a list, a DataLoader), else on what is left of the iterator;
+    with no batch left it raises instead of returning an SAE that cannot infer.
+    """
+    cfg = cfg or LoopConfig()
+    cfg.validate()
+    trainer = Trainer({"sae": (sae, "x")}, cfg, steps)
     history: list[dict[str, float]] = []
     iterator: Iterator = iter(batches)
     bar = tqdm(range(steps), desc=f"train {sae.architecture}", unit="step", disable=not progress, dynamic_ncols=True)
@@ -228,4 +251,14 @@ def train_sae(
         if on_step is not None:
             on_step(record)
         bar.set_postfix(loss=f"{record['loss']:.4g}", fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
+    if sae.batch_dependent:
+        if calibration_batches is None:
+            calibration_batches = batches if iter(batches) is not batches else iterator
+        calibrator = ThresholdCalibrator(sae)
+        for batch in islice(calibration_batches, cfg.calibration_batches):
+            calibrator.observe(batch)
+        if calibrator.batches == 0:
+            raise ValueError(f"train_sae has no batch left to calibrate the {sae.architecture} inference threshold "
+                             "on: pass calibration_batches=... (a few training batches) or a re-iterable `batches`.")
+        calibrator.finish()
     return history

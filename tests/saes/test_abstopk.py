@@ -3,7 +3,7 @@ k-sparse vectors, TopK on non-negative inputs, sign-flip symmetry, signed AuxK a
 import pytest
 import torch
 
-from saes import build_sae, ops
+from saes import build_sae, calibrate_thresholds, ops
 from saes.abstopk import abs_topk_codes
 from saes.base import require_nonnegative
 from training.synthetic import make_planted, mean_best_cosine
@@ -73,19 +73,21 @@ def test_batch_mode_infers_with_a_magnitude_threshold():
     sae = abstopk(selection="batch")
     x = torch.randn(30, 16)
     u = sae.pre_acts(x)
-    torch.testing.assert_close(sae.encode(x), u)  # θ not estimated yet: nothing is cut
+    with pytest.raises(ValueError, match="no calibrated inference threshold.*calibrate_thresholds"):
+        sae.encode(x)
     sae.threshold.fill_(0.4)
-    torch.testing.assert_close(sae.encode(x), u * (u.abs() > 0.4))
-    sae(x)
-    sae.after_step()  # threshold_start_step defaults to 1000: still 0.4
-    assert sae.threshold.item() == pytest.approx(0.4)
+    torch.testing.assert_close(sae.encode(x), u * (u.abs() > 0.4))  # keeps negative codes beyond -θ too
 
 
-def test_threshold_tracks_the_smallest_kept_magnitude():
-    sae = abstopk(selection="batch", threshold_start_step=0)
-    codes = sae(torch.randn(30, 16)).codes
-    sae.after_step()
-    assert sae.threshold.item() == pytest.approx(codes.abs()[codes != 0].min().item())
+def test_threshold_is_the_mean_smallest_kept_magnitude():
+    sae = abstopk(selection="batch")
+    batches = [torch.randn(30, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    smallest = []
+    for x in batches:  # reference: batch selection by |u| written out, smallest kept |u|
+        u = sae.pre_acts(x).detach().abs().flatten()
+        smallest.append(u.topk(sae.cfg.k * 30).values.min().item())
+    calibrate_thresholds(sae, batches)
+    assert sae.threshold.item() == pytest.approx(sum(smallest) / 3, rel=1e-6)
 
 
 def test_signed_auxk_by_hand():
@@ -143,8 +145,7 @@ def test_planted_recovery(selection, max_fvu, min_cosine):
     # Seen over three init seeds: per_token FVU 0.105-0.108, cosine 0.89-0.91; batch FVU 0.107-0.116,
     # cosine 0.68-0.73 (batch-mode selection of |u| recovers the non-negative planted features less well).
     planted = make_planted(d=32, n_true=96, mean_active=4, seed=3)
-    sae = build_sae("abstopk", d_in=32, d_sae=192, k=6, selection=selection, threshold_start_step=300,
-                    threshold_decay=0.99)
+    sae = build_sae("abstopk", d_in=32, d_sae=192, k=6, selection=selection)
     sae.init_b_dec(planted.sample(2048, torch.Generator().manual_seed(9)))
     history = train_sae(sae, planted.batches(512), 600, LoopConfig(lr=4e-3, warmup_steps=30, dead_tokens=50_000),
                         progress=False)

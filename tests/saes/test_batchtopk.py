@@ -1,12 +1,12 @@
-"""BatchTopK identities of algorithms.md §3.1: exact mean L0 in training, the EMA threshold, threshold inference
-and its export as a SAELens JumpReLU."""
+"""BatchTopK identities of algorithms.md §3.1: exact mean L0 in training, the calibrated threshold, threshold
+inference and its export as a SAELens JumpReLU."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from saes import build_sae, load_sae, save_sae
+from saes import build_sae, calibrate_thresholds, load_sae, save_sae
 from saes import ops
 from saes.jumprelu import JumpReLUSAE
 from training.synthetic import make_planted, mean_best_cosine
@@ -39,27 +39,27 @@ def test_batch_topk_codes_with_few_positive_entries_keeps_only_positives():
     assert int((codes != 0).sum()) == 2 and codes[0, 1] == 2.0 and codes[2, 4] == 0.5
 
 
-def test_threshold_follows_the_dictionary_learning_ema():
-    sae = btk(threshold_start_step=1, threshold_decay=0.9)
-    batches = [torch.randn(32, 16) for _ in range(3)]
-    seen = []
-    for x in batches:
-        codes = sae(x).codes
-        seen.append(codes[codes > 0].min().item())
-        sae.after_step()
-        if len(seen) == 1:
-            assert sae.threshold.item() == -1.0  # step 1 is not after threshold_start_step=1: not estimated yet
-    expected = 0.9 * seen[1] + 0.1 * seen[2]  # step 2 initialises θ, step 3 is the first EMA update
-    assert sae.threshold.item() == pytest.approx(expected, rel=1e-6)
+def test_threshold_is_the_mean_smallest_kept_activation_of_training_batches():
+    sae = btk()
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    smallest = []
+    for x in batches:  # reference, from the definition: u, ReLU, the k*B largest of the batch, their minimum
+        u = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).detach().relu().flatten()
+        smallest.append(u.topk(4 * 32).values.min().item())
+    calibrate_thresholds(sae, iter(batches), max_batches=3)  # only the first 3 batches count
+    assert sae.threshold.item() == pytest.approx(sum(smallest[:3]) / 3, rel=1e-6)
 
 
-def test_inference_is_a_global_threshold():
+def test_inference_is_a_global_threshold_and_refuses_without_one():
     sae = btk()
     with torch.no_grad():
         sae.b_enc.normal_()
     x = torch.randn(40, 16)
     u = sae.pre_acts(x)
-    torch.testing.assert_close(sae.encode(x), u.relu())  # θ not estimated yet: every positive latent
+    with pytest.raises(ValueError, match="batchtopk SAE has no calibrated inference threshold"):
+        sae.encode(x)
+    with pytest.raises(ValueError, match="calibrate_thresholds"):
+        sae.to_jumprelu()
     sae.threshold.fill_(0.3)
     torch.testing.assert_close(sae.encode(x), u * (u > 0.3))
     torch.testing.assert_close(sae.encode(x[:7]), sae.encode(x)[:7])  # per token
@@ -81,8 +81,6 @@ def test_to_jumprelu_is_identical_and_saves_as_saelens_jumprelu(tmp_path):
     tensors = load_file(str(path / "sae_weights.safetensors"))
     torch.testing.assert_close(tensors["threshold"], torch.full((64,), 0.25))
     torch.testing.assert_close(load_sae(path).encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
-    sae.threshold.fill_(-1.0)  # not estimated: JumpReLU with θ = 0, i.e. ReLU
-    torch.testing.assert_close(sae.to_jumprelu().encode(x), sae.encode(x))
 
 
 def test_checkpoint_threshold_round_trip_and_per_latent_refusal(tmp_path):
@@ -105,7 +103,7 @@ def test_checkpoint_threshold_round_trip_and_per_latent_refusal(tmp_path):
 
 def test_planted_recovery_and_threshold_l0():
     planted = make_planted(d=32, n_true=96, mean_active=4, seed=3)
-    sae = build_sae("batchtopk", d_in=32, d_sae=192, k=6, threshold_start_step=300, threshold_decay=0.99)
+    sae = build_sae("batchtopk", d_in=32, d_sae=192, k=6)
     sae.init_b_dec(planted.sample(2048, torch.Generator().manual_seed(9)))
     history = train_sae(sae, planted.batches(512), 600, LoopConfig(lr=4e-3, warmup_steps=30, dead_tokens=50_000),
                         progress=False)
@@ -117,15 +115,9 @@ def test_planted_recovery_and_threshold_l0():
     assert ops.fvu(held_out, sae.decode(codes)) < 0.13  # seen 0.081-0.085
 
 
-def test_state_dict_carries_threshold_and_step_count():
-    sae = btk(threshold_start_step=2)
-    x = torch.randn(32, 16)
-    for _ in range(2):
-        sae(x)
-        sae.after_step()
-    resumed = btk(threshold_start_step=2)
+def test_state_dict_carries_the_threshold():
+    sae = btk()
+    calibrate_thresholds(sae, [torch.randn(32, 16)])
+    resumed = btk()
     resumed.load_state_dict(sae.state_dict())
-    for model in (sae, resumed):
-        model(x)
-        model.after_step()  # step 3 > threshold_start_step: both estimate θ now
     assert resumed.threshold.item() == sae.threshold.item() > 0

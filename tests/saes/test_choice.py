@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from saes import build_sae, load_sae, ops, save_sae
+from saes import build_sae, calibrate_thresholds, load_sae, ops, save_sae
 from saes.choice import feature_capacities, feature_choice_codes
 from training.synthetic import make_planted, mean_best_cosine
 from training.trainer import LoopConfig, train_sae
@@ -72,24 +72,18 @@ def test_feature_choice_full_capacity_is_relu():
     assert torch.equal(sae.select(pre, train=True, x_scaled=x, grad=None), pre.relu())
 
 
-def test_threshold_tracker_and_per_token_inference():
-    sae = build_sae("feature_choice", d_in=4, d_sae=3, k=1, threshold_start_step=1, threshold_rate=0.1)
-    pre = torch.tensor([[3.0, -1.0, -5.0], [1.0, 2.0, -4.0], [2.0, 0.5, -2.0]])  # capacities [1, 1, 1]
-    x = torch.zeros(3, 4)
-    assert torch.equal(sae.select(pre, train=False, x_scaled=x, grad=None), pre.relu())  # not estimated: ReLU
-    sae.select(pre, train=True, x_scaled=x, grad=None)
-    sae.after_step()  # step 1 <= start: no estimate yet
-    assert (sae.threshold == -1).all()
-    sae.select(pre, train=True, x_scaled=x, grad=None)
-    sae.after_step()  # first estimate: the smallest kept activation; latent 2 kept nothing
-    torch.testing.assert_close(sae.threshold, torch.tensor([3.0, 2.0, -1.0]))
-    sae.select(pre, train=True, x_scaled=x, grad=None)
-    sae.after_step()  # u > θ is strict, so each θ passes 0 tokens where 1 was kept: error -1/2, θ falls
-    torch.testing.assert_close(sae.threshold, torch.tensor([3.0 * math.exp(-0.05), 2.0 * math.exp(-0.05), -1.0]))
-    sae.threshold[0] = 0.8  # passes 3 tokens, kept 1: error (3-1)/2 = 1
-    sae.select(pre, train=True, x_scaled=x, grad=None)
-    sae.after_step()
-    torch.testing.assert_close(sae.threshold[0], torch.tensor(0.8 * math.exp(0.1)))
+def test_calibrated_per_latent_thresholds_by_hand_and_per_token_inference():
+    sae = build_sae("feature_choice", d_in=4, d_sae=4, k=1)  # batches of 4 tokens: every capacity m_j = 1
+    with torch.no_grad():  # u = x: the batches below are the pre-activations themselves
+        sae.W_enc.copy_(torch.eye(4)); sae.b_enc.zero_(); sae.b_dec.zero_()
+    first = torch.tensor([[3.0, -1, -5, -1], [1, 2, -4, -1], [2, 0.5, -2, -1], [0, 0, 0, -1]])
+    second = torch.tensor([[1.0, 1, 1, -1], [0, 4, 0, -1], [0, 0, 0, -1], [0, 0, 0, -1]])
+    with pytest.raises(ValueError, match="feature_choice SAE has no calibrated inference threshold"):
+        sae.encode(first)
+    calibrate_thresholds(sae, [first, second])
+    # latent 0 kept 3 then 1; latent 1 kept 2 then 4; latent 2 kept only 1 (in the second batch); latent 3 never
+    torch.testing.assert_close(sae.threshold, torch.tensor([2.0, 3.0, 1.0, math.inf]))
+    torch.testing.assert_close(sae.encode(first), first * (first > torch.tensor([2.0, 3.0, 1.0, math.inf])))
     # Inference is per token: a shuffled batch gives shuffled codes; one token alone gives its row.
     big = build_sae("feature_choice", d_in=8, d_sae=32, k=2)
     with torch.no_grad():
@@ -137,7 +131,7 @@ LOOP = LoopConfig(lr=4e-3, warmup_steps=30, dead_tokens=50_000)
 
 
 def train(arch, **fields):
-    sae = build_sae(arch, d_in=32, d_sae=192, k=6, threshold_start_step=200, **fields)
+    sae = build_sae(arch, d_in=32, d_sae=192, k=6, **fields)
     sae.init_b_dec(PLANTED.sample(2048, torch.Generator().manual_seed(9)))
     history = train_sae(sae, PLANTED.batches(512), 600, LOOP, progress=False)
     return sae, history
@@ -156,7 +150,7 @@ def held_out_codes(sae):
 # FC uniform FVU 0.205-0.214, cosine 0.861-0.895; FC zipf FVU 0.135-0.160, cosine 0.867-0.898; FC threshold-mode
 # per-latent firing rate within ±20% of the training rate for >= 95% of latents, all within ±35%.
 @pytest.mark.parametrize("arch, fields, max_fvu, min_cos", [
-    ("mutual_choice", {"threshold_decay": 0.99}, 0.11, 0.78),
+    ("mutual_choice", {}, 0.11, 0.78),
     ("feature_choice", {"capacity": "uniform"}, 0.26, 0.82),
     ("feature_choice", {"capacity": "zipf"}, 0.2, 0.82),
 ])

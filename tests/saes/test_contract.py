@@ -9,15 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from saes import ARCHITECTURES, build_sae, load_sae, sae_class, save_sae
+from saes import ARCHITECTURES, build_sae, calibrate_thresholds, load_sae, sae_class, save_sae
 from saes.base import require_nonnegative
 from training.trainer import LoopConfig, train_sae
 
 D_IN, D_SAE = 16, 64
 DEFAULT_FIELDS = dict(d_in=D_IN, d_sae=D_SAE, k=4)
 FIELDS: dict[str, dict] = {
-    "batchtopk": dict(threshold_start_step=0, threshold_decay=0.5),  # estimate θ from the first step
-    "abstopk": dict(threshold_start_step=0, threshold_decay=0.5),
     "jumprelu": dict(threshold_init=0.05, bandwidth=0.05),
     "hierarchical_topk": dict(k_max=4),
 }
@@ -71,6 +69,10 @@ def trained(sae, steps: int = 4, lr: float = 1e-3):
 @pytest.mark.parametrize("name, extra", CASES)
 def test_shapes_losses_and_code_sign(name, extra):
     sae = build(name, extra)
+    with torch.no_grad():  # pre-activations of both signs, so a dropped ReLU shows as negative codes
+        if not sae.tied:
+            sae.b_enc.normal_(-0.5, 1.0, generator=torch.Generator().manual_seed(0))
+    calibrate_thresholds(sae, [data(64, seed) for seed in range(3)])
     x = data(24).reshape(2, 12, D_IN)
     codes = sae.encode(x)
     assert codes.shape == (2, 12, D_SAE)
@@ -190,6 +192,19 @@ def test_signed_codes_are_refused_where_nonnegative_is_assumed(name, extra):
             require_nonnegative(sae, "max-activating examples")
     else:
         require_nonnegative(sae, "max-activating examples")
+
+
+BATCH_DEPENDENT_CASES = [case for case in CASES if build(*case.values).batch_dependent]
+
+
+@pytest.mark.parametrize("name, extra", BATCH_DEPENDENT_CASES)
+def test_batch_dependent_variants_infer_only_once_calibrated(name, extra):
+    sae = build(name, extra)
+    with pytest.raises(ValueError, match=f"{name} SAE has no calibrated inference threshold.*calibrate_thresholds"):
+        sae.encode(data(8))
+    trained(sae)  # train_sae calibrates at the end
+    assert bool((sae.threshold >= 0).all())
+    sae.encode(data(8))
 
 
 def test_signedness_flags():
