@@ -6,7 +6,8 @@ training.trainer.train_sae, not the paper's ReLU+L1 with row-normalised weights)
 on a few prompts; each (prompt, head) is discretised to argmax_i z_i; a head's node score is the number of codes seen
 on positive prompts but never on negatives, |C+ \\ C-| (optionally / |C+ u C-|), softmaxed over heads. Labels are
 explicit (no "first half are positives" assumption). Edge (head-pair) scores count code pairs seen on positives but
-never on negatives; the heads of the best pairs are counted and softmaxed into a second head ranking.
+never on negatives (optionally / (|P| + |N|)); as in the reference code, the ordered pairs are sorted, the heads of the
+first n^2 // 2 entries of the sorted pair list are counted, and the counts are softmaxed into a second head ranking.
 """
 import math
 
@@ -69,8 +70,10 @@ def node_scores(codes: Tensor, positive: Tensor, normalise: bool = False) -> Ten
 
 
 def edge_scores(codes: Tensor, positive: Tensor, normalise: bool = False) -> Tensor:
-    """score(h1, h2) = number of code pairs (c1, c2) seen on positive prompts but never on negatives (optionally /
-    all pairs seen), for h1 != h2: [n_heads, n_heads], symmetric, zero diagonal."""
+    """score(h1, h2) = number of code pairs (c1, c2) seen on positive prompts but never on negatives, for h1 != h2;
+    with `normalise`, divided by |P| + |N| (distinct pairs seen on positives plus those seen on negatives, as the
+    reference's `unique_co_occurrences`). codes [batch, n_heads]; positive [batch] bool -> [n_heads, n_heads],
+    symmetric, zero diagonal."""
     positive = positive.to(torch.bool)
     n_heads = codes.shape[1]
     scores = torch.zeros(n_heads, n_heads)
@@ -80,22 +83,34 @@ def edge_scores(codes: Tensor, positive: Tensor, normalise: bool = False) -> Ten
         for h2 in range(h1 + 1, n_heads):
             pos = {(r[h1], r[h2]) for r, p in zip(rows, labels) if p}
             neg = {(r[h1], r[h2]) for r, p in zip(rows, labels) if not p}
-            value = len(pos - neg) / (len(pos | neg) if normalise else 1)
+            value = len(pos - neg) / max(len(pos) + len(neg), 1) if normalise else len(pos - neg)
             scores[h1, h2] = scores[h2, h1] = value
     return scores
 
 
-def heads_from_edges(pair_scores: Tensor, top_pairs: int | None = None) -> Tensor:
-    """Head scores from the best pairs: how often a head belongs to one of the `top_pairs` best-scoring pairs
-    (default n_heads^2 / 2, as the reference code; pairs scoring 0 never count). [n_heads]."""
+def heads_from_edges(pair_scores: Tensor, k: int | None = None) -> Tensor:
+    """Head scores from the best pairs, as the reference's `edge_circuit_prediction`: sort all n^2 ordered pairs
+    (h1, h2) by score (diagonal included, at 0), list their heads in turn (h1, h2, h1', h2', ...) and count how often
+    each head is among the first `k` entries of that list (default n^2 // 2, i.e. the best n^2 / 4 ordered pairs).
+
+    The reference leaves the order of tied pairs to numpy's default (unstable) sort; where a group of tied pairs
+    straddles the cut, each of its pairs gets the share of the remaining entries it would get on average over
+    tie orders (so no head wins by its index, e.g. when zero-score pairs fill the selection). With no tie at the
+    cut this is the reference's count exactly. [n_heads, n_heads] -> [n_heads]."""
     n_heads = pair_scores.shape[0]
-    i, j = torch.triu_indices(n_heads, n_heads, offset=1)
-    values = pair_scores[i, j]
-    top = values.argsort(descending=True)[: top_pairs or n_heads * n_heads // 2]
-    top = top[values[top] > 0]
+    k = n_heads * n_heads // 2 if k is None else k
+    flat = pair_scores.flatten().float()  # [n^2] ordered pairs, row-major
+    ranked = -flat.sort(descending=True).values  # ascending, for searchsorted
+    start = torch.searchsorted(ranked, -flat, side="left")  # first slot of each pair's tie group
+    size = torch.searchsorted(ranked, -flat, side="right") - start  # pairs in that group
+    first_slots = (k + 1) // 2 - start  # slots j whose h1 (entry 2j) falls inside the first k entries...
+    second_slots = k // 2 - start  # ...and whose h2 (entry 2j + 1) does, counted from the group's start
+    share_first = first_slots.clamp(0, None).minimum(size) / size  # [n^2]
+    share_second = second_slots.clamp(0, None).minimum(size) / size
+    heads = torch.arange(n_heads)
     counts = torch.zeros(n_heads)
-    counts.index_add_(0, i[top], torch.ones(len(top)))
-    counts.index_add_(0, j[top], torch.ones(len(top)))
+    counts.index_add_(0, heads.repeat_interleave(n_heads), share_first)  # h1 of pair (h1, h2)
+    counts.index_add_(0, heads.repeat(n_heads), share_second)  # h2
     return counts
 
 
