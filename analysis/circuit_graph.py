@@ -13,7 +13,7 @@ import torch
 from analysis.circuits import (CircuitError, HookEffects, attribution_patching, check_hooks, circuit_from_scores,
                                collect_states, edge_effects, evaluate_circuit, faithfulness_curve,
                                integrated_gradients, lm_runner)
-from analysis.tasks import TASKS, build_task, evaluate_task
+from analysis.tasks import TASKS, TaskData, build_split, build_task, evaluate_task, split_task
 from saes.base import SAE
 
 
@@ -28,7 +28,10 @@ class CircuitsConfig:
     model: str | None = None
     """Model; default the one the run was trained on (its config.json)."""
     n_prompts: int = 32
-    """Prompts in the task batch."""
+    """Prompts the circuit is found on (discovery split)."""
+    n_eval_prompts: int = 32
+    """Held-out prompts faithfulness and completeness are measured on (evaluation split); 0 measures them on the
+    discovery prompts (in-sample)."""
     method: Literal["ig", "atp"] = "ig"
     """Node effects: integrated gradients or attribution patching."""
     ig_steps: int = 10
@@ -39,8 +42,12 @@ class CircuitsConfig:
     """Keep edges with |effect| above this."""
     max_nodes_per_hook: int = 20
     """At most this many latents per hook enter the graph (largest |effect| first)."""
+    error_nodes: Literal["per_hook", "per_position"] = "per_hook"
+    """One SAE-error node per hook, summed over positions (Marks et al.'s code), or one per position."""
     ablation: Literal["mean", "zero"] = "mean"
     """How nodes outside the circuit are ablated for faithfulness."""
+    ablation_source: Literal["patch", "clean"] = "patch"
+    """Mean ablation averages over the corrupted prompts (Marks et al.) or the clean ones."""
     seed: int = 0
     """Seed of the task's prompts."""
     device: str = "cpu"
@@ -53,6 +60,29 @@ class CircuitsConfig:
             raise ValueError("node_threshold and edge_threshold must be >= 0.")
         if self.max_nodes_per_hook < 1:
             raise ValueError(f"max_nodes_per_hook must be >= 1, got {self.max_nodes_per_hook}.")
+        if self.n_prompts < 2 or self.n_eval_prompts < 0 or self.n_eval_prompts == 1:
+            raise ValueError(f"n_prompts must be >= 2 and n_eval_prompts 0 (in-sample) or >= 2, got "
+                             f"{self.n_prompts} and {self.n_eval_prompts}.")
+
+    def tasks(self, tokenizer) -> tuple[TaskData, TaskData | None]:
+        """(discovery, evaluation) prompts; evaluation None when n_eval_prompts is 0 (in-sample evaluation)."""
+        if self.n_eval_prompts == 0:
+            return build_task(self.task, tokenizer, self.n_prompts, self.seed), None
+        return build_split(self.task, tokenizer, self.n_prompts, self.n_eval_prompts, self.seed)
+
+    def conventions(self) -> dict:
+        """What the numbers mean, written next to them (JSON and CLI)."""
+        errors = ("one per hook, summed over positions (Marks et al.'s code)" if self.error_nodes == "per_hook"
+                  else "one per position")
+        method = f"integrated gradients, S={self.ig_steps}" if self.method == "ig" else "attribution patching"
+        ablation = ("zero" if self.ablation == "zero" else
+                    f"mean over the {'corrupted (Marks et al.)' if self.ablation_source == 'patch' else 'clean'} "
+                    "prompts of the evaluated batch, per position")
+        return {"error_nodes": errors, "node_effects": method,
+                "edges": f"g_down . d(down)/d(up) . delta up with g_down from {method}, Jacobian at the clean input",
+                "ablation": ablation,
+                "evaluation": ("held-out prompts (evaluation split)" if self.n_eval_prompts
+                               else "in-sample (the discovery prompts)")}
 
 
 def logit_lens_labels(model, sae: SAE, latents: list[int], n_tokens: int = 3) -> dict[int, str]:
@@ -73,26 +103,40 @@ def logit_lens_labels(model, sae: SAE, latents: list[int], n_tokens: int = 3) ->
     return labels
 
 
-def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task=None) -> dict:
-    """The circuit graph for `cfg.task` (a dict ready for JSON)."""
+def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: TaskData | None = None,
+                    eval_task: TaskData | None = None) -> dict:
+    """The circuit graph for `cfg.task` (a dict ready for JSON), found on the discovery prompts and evaluated on
+    held-out ones. `task` alone is split as cfg says (n_eval_prompts 0: kept whole, evaluated in-sample)."""
     cfg.validate()
     hooks = check_hooks(model, saes)
     saes = {h: saes[h].requires_grad_(False) for h in hooks}
-    task = task or build_task(cfg.task, model.tokenizer, cfg.n_prompts, cfg.seed)
+    if task is None:
+        task, eval_task = cfg.tasks(model.tokenizer)
+    elif eval_task is None and cfg.n_eval_prompts:
+        task, eval_task = split_task(task, cfg.n_eval_prompts / (cfg.n_prompts + cfg.n_eval_prompts), cfg.seed)
     report = evaluate_task(model, task)
     device = next(model.parameters()).device
     run = lm_runner(model, task.clean.to(device), task)
     run_patch = lm_runner(model, task.patch.to(device), task)
     states = collect_states(run, run_patch, saes)
-    effects: dict[str, HookEffects] = (integrated_gradients(run, saes, states, cfg.ig_steps) if cfg.method == "ig"
-                                       else attribution_patching(saes, states))
+    effects: dict[str, HookEffects] = (
+        integrated_gradients(run, saes, states, cfg.ig_steps, cfg.error_nodes) if cfg.method == "ig"
+        else attribution_patching(saes, states, cfg.error_nodes))
+    if eval_task is None:
+        run_eval, eval_states = run, states
+    else:
+        run_eval = lm_runner(model, eval_task.clean.to(device), eval_task)
+        eval_states = collect_states(run_eval, lm_runner(model, eval_task.patch.to(device), eval_task), saes,
+                                     grad=False)
     circuit = circuit_from_scores(effects, cfg.node_threshold)
     largest = max(max(e.latent_scores().abs().max().item(), e.error_scores().abs().max().item())
                   for e in effects.values())
     if circuit.size() == 0:
         raise CircuitError(f"node_threshold {cfg.node_threshold} selects no node: the largest |effect| is "
                            f"{largest:.4g}; pass --node-threshold below it.")
-    evaluation = evaluate_circuit(run, saes, states, circuit, cfg.ablation)
+    evaluation = evaluate_circuit(run_eval, saes, eval_states, circuit, cfg.ablation, cfg.ablation_source)
+    in_sample = (evaluation if eval_task is None else
+                 evaluate_circuit(run, saes, states, circuit, cfg.ablation, cfg.ablation_source))
     tokens = [model.tokenizer.decode([t]) for t in task.clean[0].tolist()]
     nodes, edges, kept = [], [], {}
     for order, hook in enumerate(hooks):
@@ -103,34 +147,42 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task=None)
         for rank, i in enumerate(kept[hook]):
             nodes.append({"id": f"{hook}/{i}", "hook": hook, "order": order, "kind": "latent", "latent": i,
                           "effect": scores[i].item(), "rank": rank, "label": labels[i]})
-        errors = effects[hook].error_scores()
+        errors = effects[hook].error_scores()  # [1] per hook or [seq] per position
+        per_hook = cfg.error_nodes == "per_hook"
         for rank, p in enumerate(p for p in errors.abs().argsort(descending=True).tolist() if circuit.errors[hook][p]):
-            nodes.append({"id": f"{hook}/err{p}", "hook": hook, "order": order, "kind": "error", "position": p,
-                          "effect": errors[p].item(), "rank": len(kept[hook]) + rank,
-                          "label": f"error @{p} {tokens[p]!r}"})
-    error_ids = {n["id"] for n in nodes if n["kind"] == "error"}
+            nodes.append({"id": error_id(hook, p, per_hook), "hook": hook, "order": order, "kind": "error",
+                          "position": None if per_hook else p, "effect": errors[p].item(),
+                          "rank": len(kept[hook]) + rank,
+                          "label": "error (all positions)" if per_hook else f"error @{p} {tokens[p]!r}"})
+    ids = {n["id"] for n in nodes}
     for up, down in zip(hooks, hooks[1:]):
-        if not kept[down]:
-            continue
-        latent_edges, error_edges = edge_effects(run, saes, states, up, down, kept[up], kept[down])
-        for j, d in enumerate(kept[down]):
-            for u_index, u in enumerate(kept[up]):
-                edges.append((f"{up}/{u}", f"{down}/{d}", latent_edges[u_index, j].item()))
-            for p in range(error_edges.shape[0]):
-                if f"{up}/err{p}" in error_ids:
-                    edges.append((f"{up}/err{p}", f"{down}/{d}", error_edges[p, j].item()))
+        found = edge_effects(run, saes, states, effects, up, down, kept[up], kept[down])
+        for (kind_u, u), (kind_d, d), weight in found.items():
+            source = f"{up}/{u}" if kind_u == "latent" else error_id(up, u, cfg.error_nodes == "per_hook")
+            target = f"{down}/{d}" if kind_d == "latent" else error_id(down, d, cfg.error_nodes == "per_hook")
+            if source in ids and target in ids:
+                edges.append((source, target, weight))
     edges = [{"source": s, "target": t, "weight": w} for s, t, w in edges if abs(w) > cfg.edge_threshold]
     nodes.append({"id": "metric", "hook": "logit difference", "order": len(hooks), "kind": "metric", "rank": 0,
                   "effect": states.clean_m.mean().item(), "label": f"{task.name} logit diff"})
     edges += [{"source": n["id"], "target": "metric", "weight": n["effect"]} for n in nodes
               if n.get("order") == len(hooks) - 1 and n["kind"] != "metric"]
-    n_total = sum(int(e.latent_scores().ne(0).sum()) + e.error.shape[1] for e in effects.values())
+    n_total = sum(int(e.latent_scores().ne(0).sum()) + len(e.error_scores()) for e in effects.values())
     sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128, circuit.size()) if s <= n_total})
-    curve = faithfulness_curve(run, saes, states, effects, sizes, cfg.ablation)
+    curve = faithfulness_curve(run_eval, saes, eval_states, effects, sizes, cfg.ablation, cfg.ablation_source)
+    split = {"discovery": len(task), "evaluation": len(eval_task) if eval_task is not None else 0,
+             "evaluation_prompts": eval_task.prompts[:5] if eval_task is not None else []}
     return {"task": report, "prompts": task.prompts[:5], "hooks": hooks, "settings": asdict(cfg) | {"run_dir": str(cfg.run_dir)},
             "metric": "logit difference (correct - incorrect) at the last position",
+            "conventions": cfg.conventions(), "split": split,
             "clean_metric": states.clean_m.mean().item(), "patch_metric": states.patch_m.mean().item(),
-            "largest_effect": largest, "evaluation": evaluation, "curve": curve, "nodes": nodes, "edges": edges}
+            "largest_effect": largest, "evaluation": evaluation, "evaluation_in_sample": in_sample, "curve": curve,
+            "nodes": nodes, "edges": edges}
+
+
+def error_id(hook: str, index: int, per_hook: bool) -> str:
+    """Graph id of an error node: one per hook ('hook/err') or per position ('hook/err3')."""
+    return f"{hook}/err" if per_hook else f"{hook}/err{index}"
 
 
 def graph_figure(graph: dict):
@@ -153,7 +205,8 @@ def graph_figure(graph: dict):
         marker=dict(size=12, symbol=["square" if n["kind"] == "error" else "circle" for n in nodes],
                     color=[n["effect"] for n in nodes], colorscale="RdBu", cmid=0, colorbar=dict(title="effect"))))
     ticks = graph["hooks"] + ["logit difference"]
-    fig.update_layout(title=f"Circuit for {graph['task']['task']} (faithfulness "
+    where = "held-out " if graph.get("split", {}).get("evaluation") else ""
+    fig.update_layout(title=f"Circuit for {graph['task']['task']} ({where}faithfulness "
                             f"{graph['evaluation']['faithfulness']:.2f}, {graph['evaluation']['n_nodes']} nodes)",
                       xaxis=dict(tickvals=list(range(len(ticks))), ticktext=ticks), yaxis=dict(showticklabels=False),
                       height=300 + 25 * max(1, max(n["rank"] for n in nodes)))
@@ -216,17 +269,21 @@ def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
     run_dir = Path(cfg.run_dir)
     saes = run_saes(run_dir, cfg.device)
     model = model or load_model(cfg.model or run_model_name(run_dir), device=cfg.device)
-    task = build_task(cfg.task, model.tokenizer, cfg.n_prompts, cfg.seed)
+    task, eval_task = cfg.tasks(model.tokenizer)
     if task.n_skipped:
         print(f"{task.name}: skipped {task.n_skipped} words/prompts the tokenizer cannot express as one token "
               f"({', '.join(f'{k}' for k in list(task.skipped)[:8])}{', ...' if len(task.skipped) > 8 else ''}).")
     if task.note:
         print(task.note)
-    graph = compute_circuit(model, saes, cfg, task)
+    graph = compute_circuit(model, saes, cfg, task, eval_task)
     print(graph["task"]["message"])
     out = save_circuit(graph, run_dir)
-    ev = graph["evaluation"]
+    ev, ins, conv = graph["evaluation"], graph["evaluation_in_sample"], graph["conventions"]
+    where = (f"on {ev['n_prompts']} held-out prompts (in-sample on {ins['n_prompts']}: faithfulness "
+             f"{ins['faithfulness']:.3f}, completeness {ins['completeness']:.3f})" if eval_task is not None
+             else f"in-sample on the {ev['n_prompts']} discovery prompts")
     print(f"Circuit: {ev['n_nodes']} nodes (|effect| > {cfg.node_threshold}), {len(graph['edges'])} edges; "
-          f"faithfulness {ev['faithfulness']:.3f}, completeness {ev['completeness']:.3f} ({cfg.ablation} ablation). "
-          f"Wrote {out / 'graph.json'} and {out / 'graph.html'}.")
+          f"faithfulness {ev['faithfulness']:.3f}, completeness {ev['completeness']:.3f} {where}.\n"
+          f"Conventions: node effects {conv['node_effects']}; error nodes {conv['error_nodes']}; ablation "
+          f"{conv['ablation']}. Wrote {out / 'graph.json'} and {out / 'graph.html'}.")
     return out

@@ -1,7 +1,9 @@
 """Sparse feature circuits (Marks et al. 2024; algorithms.md §10.2) with SAEs at one or more hooks.
 
-Nodes: the latents of each SAE (summed over positions) and one error node per hook and position, eps = h - x_hat,
-so h = decode(z) + eps exactly and splicing changes nothing. Metric m: the task's logit difference (analysis/tasks.py).
+Nodes: the latents of each SAE, summed over positions, and the SAE error eps = h - x_hat, so h = decode(z) + eps
+exactly and splicing changes nothing. Error nodes follow SFC's code (`aggregation="sum"`): one per hook, its effect
+summed over positions like a latent's (`error_nodes="per_hook"`, the default); `"per_position"` keeps one error node
+per position instead (latents stay summed). Metric m: the task's logit difference (analysis/tasks.py).
 
 Everything is written against a *runner*: `run(replace) -> m [batch]`, which runs the network on the clean input
 with the activation of each hook in `replace` ([batch, seq, d], trailing head dims flattened) passed through
@@ -9,12 +11,20 @@ with the activation of each hook in `replace` ([batch, seq, d], trailing head di
 
 Because decode is affine, a node's gradient is the hook gradient projected: dm/dz_i = g . d_i (decoder row in raw
 space), dm/deps = g, where g = dm/dh with everything downstream recomputed. Hence
-- attribution patching: IE(z_i) = (g_clean . d_i) (z_i,patch - z_i,clean); IE(eps_p) = g_clean[p] . (eps_patch - eps_clean)[p];
+- attribution patching: IE(z_i) = (g_clean . d_i) (z_i,patch - z_i,clean); IE(eps) = g_clean . (eps_patch - eps_clean);
 - integrated gradients (S steps, alpha_s = s/S, one hook at a time): interpolating every node of a hook is
   interpolating h itself, h_alpha = (1 - alpha) h_clean + alpha h_patch, so g is averaged over those states;
 - exact patching: m with h + (dz_i) d_i minus m clean (validation).
-Deviation from SFC: downstream error nodes are recomputed (not frozen) in attribution patching, which makes AtP, IG
-and exact patching agree exactly when m is linear. Signed SAEs (negative codes) need nothing special here.
+The g of the downstream computation passes through later hooks' SAEs and error nodes as through the plain model,
+which is what SFC's code does too (its error term hands the reconstruction's gradient straight to the activation), so
+this is not a deviation; it is why AtP, IG and exact patching agree exactly when m is linear. Signed SAEs (negative
+codes) need nothing special here.
+
+Edges (SFC `jvp`): IE(u -> d) = g_d . (dd/du) . Delta u, with g_d the *same* gradient the node effects used at the
+downstream hook (the clean one for AtP, the IG path mean for IG) and the Jacobian at the clean input.
+Evaluation (SFC `ablation.py`): nodes outside the circuit are set to their mean over the *corrupted* prompts of the
+batch being evaluated, per position (`ablation_source="clean"`: over the clean prompts; or zero); pass the states
+of held-out prompts to measure faithfulness and completeness out of sample.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +38,10 @@ from saes.base import SAE
 Replace = dict[str, Callable[[Tensor], Tensor]]
 Runner = Callable[..., Tensor]  # run(replace, stop_at=None) -> m [batch]
 
+ERROR_NODES = ("per_hook", "per_position")
+ABLATIONS = ("mean", "zero")
+ABLATION_SOURCES = ("patch", "clean")
+
 
 class CircuitError(ValueError):
     """Bad circuit input; the message says how to fix it."""
@@ -35,6 +49,11 @@ class CircuitError(ValueError):
 
 class _Stop(Exception):
     """Raised inside a hook to end a forward early (edges only need the model up to the downstream hook)."""
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CircuitError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 def lm_runner(model, tokens: Tensor, task: TaskData) -> Runner:
@@ -111,18 +130,24 @@ def capture(run: Runner, hooks: list[str], replace: Replace | None = None, grad:
 
 @dataclass
 class HookEffects:
-    """Indirect effects at one hook, per prompt and position."""
+    """Indirect effects at one hook, per prompt and position, and the gradient they were computed with."""
 
     latent: Tensor  # [batch, seq, d_sae]
     error: Tensor  # [batch, seq]
+    grad: Tensor  # [batch, seq, d]: dm/dh of the estimator (clean for AtP, IG path mean for IG); edges reuse it
+    error_nodes: str = "per_hook"
 
     def latent_scores(self) -> Tensor:
         """Per latent: summed over positions, mean over prompts. [d_sae]"""
         return self.latent.sum(1).mean(0)
 
     def error_scores(self) -> Tensor:
-        """Per error node (position): mean over prompts. [seq]"""
-        return self.error.mean(0)
+        """Per error node, mean over prompts: [1] summed over positions (per_hook) or [seq] (per_position)."""
+        return self.error.sum(1, keepdim=True).mean(0) if self.error_nodes == "per_hook" else self.error.mean(0)
+
+    def error_deltas(self, delta: Tensor) -> Tensor:
+        """Per-position error contributions [batch, seq] grouped into this hook's error nodes: [batch, n_error]."""
+        return delta.sum(1, keepdim=True) if self.error_nodes == "per_hook" else delta
 
 
 @dataclass
@@ -133,14 +158,19 @@ class States:
     patch_m: Tensor  # [batch]
     clean: dict[str, Tensor]  # hook -> h [batch, seq, d]
     patch: dict[str, Tensor]
-    grads: dict[str, Tensor]  # hook -> dm/dh at the clean input
+    grads: dict[str, Tensor]  # hook -> dm/dh at the clean input (empty when collected without gradients)
     codes: dict[str, tuple[Tensor, Tensor]]  # hook -> (clean codes, patch codes)
     errors: dict[str, tuple[Tensor, Tensor]]  # hook -> (clean error, patch error)
 
+    def __len__(self) -> int:
+        return self.clean_m.shape[0]
 
-def collect_states(run_clean: Runner, run_patch: Runner, saes: dict[str, SAE]) -> States:
+
+def collect_states(run_clean: Runner, run_patch: Runner, saes: dict[str, SAE], grad: bool = True) -> States:
+    """Activations, codes and errors on the clean and patched inputs; grad=False skips the backward pass (enough
+    to evaluate a circuit on held-out prompts)."""
     hooks = list(saes)
-    clean_m, clean, grads = capture(run_clean, hooks)
+    clean_m, clean, grads = capture(run_clean, hooks, grad=grad)
     patch_m, patch, _ = capture(run_patch, hooks, grad=False)
     if clean[hooks[0]].shape != patch[hooks[0]].shape:
         raise CircuitError("Clean and patched inputs must have the same shape (align prompts token by token).")
@@ -152,19 +182,25 @@ def collect_states(run_clean: Runner, run_patch: Runner, saes: dict[str, SAE]) -
     return States(clean_m, patch_m, clean, patch, grads, codes, errors)
 
 
-def effects_from_grad(sae: SAE, grad: Tensor, states: States, hook: str) -> HookEffects:
+def effects_from_grad(sae: SAE, grad: Tensor, states: States, hook: str, error_nodes: str = "per_hook"
+                      ) -> HookEffects:
+    check_choice("error_nodes", error_nodes, ERROR_NODES)
     zc, zp = states.codes[hook]
     ec, ep = states.errors[hook]
-    return HookEffects(latent=(grad @ decoder(sae).T) * (zp - zc), error=(grad * (ep - ec)).sum(-1))
+    return HookEffects(latent=(grad @ decoder(sae).T) * (zp - zc), error=(grad * (ep - ec)).sum(-1), grad=grad,
+                       error_nodes=error_nodes)
 
 
-def attribution_patching(saes: dict[str, SAE], states: States) -> dict[str, HookEffects]:
-    """IE_atp = grad_clean . (patch - clean) for every latent and error node (one backward pass in all)."""
-    return {hook: effects_from_grad(sae, states.grads[hook], states, hook) for hook, sae in saes.items()}
-
-
-def integrated_gradients(run_clean: Runner, saes: dict[str, SAE], states: States, steps: int = 10
+def attribution_patching(saes: dict[str, SAE], states: States, error_nodes: str = "per_hook"
                          ) -> dict[str, HookEffects]:
+    """IE_atp = grad_clean . (patch - clean) for every latent and error node (one backward pass in all)."""
+    if not states.grads:
+        raise CircuitError("These states were collected without gradients: use collect_states(..., grad=True).")
+    return {hook: effects_from_grad(sae, states.grads[hook], states, hook, error_nodes) for hook, sae in saes.items()}
+
+
+def integrated_gradients(run_clean: Runner, saes: dict[str, SAE], states: States, steps: int = 10,
+                         error_nodes: str = "per_hook") -> dict[str, HookEffects]:
     """IE_ig with S = steps (alpha_s = s/S, s < S), one hook at a time, the rest recomputed from the clean input."""
     if steps < 1:
         raise CircuitError(f"Integrated gradients needs steps >= 1, got {steps}.")
@@ -180,7 +216,7 @@ def integrated_gradients(run_clean: Runner, saes: dict[str, SAE], states: States
                 return state.to(h.dtype)
 
             total += capture(run_clean, [hook], {hook: replace})[2][hook]
-        out[hook] = effects_from_grad(sae, total / steps, states, hook)
+        out[hook] = effects_from_grad(sae, total / steps, states, hook, error_nodes)
     return out
 
 
@@ -193,18 +229,21 @@ def exact_latent_effect(run_clean: Runner, sae: SAE, hook: str, states: States, 
 
 
 @torch.no_grad()
-def exact_error_effect(run_clean: Runner, hook: str, states: States, position: int) -> Tensor:
-    """m(error node at `position` patched) - m(clean), per prompt [batch]."""
+def exact_error_effect(run_clean: Runner, hook: str, states: States, position: int | None = None) -> Tensor:
+    """m(error node patched) - m(clean), per prompt [batch]; position None patches the error at every position
+    (the per-hook error node)."""
     ec, ep = states.errors[hook]
-    shift = torch.zeros_like(ec)
-    shift[:, position] = ep[:, position] - ec[:, position]
+    shift = ep - ec  # [batch, seq, d]
+    if position is not None:
+        shift = torch.zeros_like(ec)
+        shift[:, position] = ep[:, position] - ec[:, position]
     return run_clean({hook: lambda h: h + shift.to(h.dtype)}).float() - states.clean_m.float()
 
 
 # ---- ablation, faithfulness, completeness -----------------------------------------------------------------------
 @dataclass
 class Circuit:
-    """Which nodes are kept: per hook a latent mask [d_sae] and an error-node mask [seq]."""
+    """Which nodes are kept: per hook a latent mask [d_sae] and an error-node mask ([1] per hook or [seq])."""
 
     latents: dict[str, Tensor]
     errors: dict[str, Tensor]
@@ -212,26 +251,35 @@ class Circuit:
     def complement(self) -> "Circuit":
         return Circuit({h: ~m for h, m in self.latents.items()}, {h: ~m for h, m in self.errors.items()})
 
+    def full(self, keep: bool = True) -> "Circuit":
+        """Every node (keep=True) or none, with this circuit's node layout."""
+        return Circuit({h: torch.full_like(m, keep) for h, m in self.latents.items()},
+                       {h: torch.full_like(m, keep) for h, m in self.errors.items()})
+
     def size(self) -> int:
         return int(sum(m.sum() for m in self.latents.values()) + sum(m.sum() for m in self.errors.values()))
 
 
-def full_circuit(saes: dict[str, SAE], seq: int, keep: bool = True) -> Circuit:
+def full_circuit(saes: dict[str, SAE], n_error_nodes: int = 1, keep: bool = True) -> Circuit:
+    """Every node (or none): n_error_nodes is 1 (per-hook error node) or seq (per position)."""
     return Circuit({h: torch.full((s.cfg.d_sae,), keep) for h, s in saes.items()},
-                   {h: torch.full((seq,), keep) for h in saes})
+                   {h: torch.full((n_error_nodes,), keep) for h in saes})
 
 
-def ablation_values(saes: dict[str, SAE], states: States, mode: str = "mean") -> dict[str, tuple[Tensor, Tensor]]:
-    """Per hook, what an ablated latent / error node is set to: the clean batch mean per position, or zeros."""
-    if mode not in ("mean", "zero"):
-        raise CircuitError(f"ablation must be 'mean' or 'zero', got {mode!r}.")
+def ablation_values(saes: dict[str, SAE], states: States, mode: str = "mean", source: str = "patch"
+                    ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per hook, what an ablated latent / error node is set to: the batch mean per position of the corrupted
+    (source="patch", SFC's `run_with_ablations`) or clean states, or zeros. Values [1, seq, d_sae], [1, seq, d]."""
+    check_choice("ablation", mode, ABLATIONS)
+    check_choice("ablation_source", source, ABLATION_SOURCES)
+    side = 1 if source == "patch" else 0
     out = {}
     for hook in saes:
-        zc, ec = states.codes[hook][0], states.errors[hook][0]
+        z, e = states.codes[hook][side], states.errors[hook][side]
         if mode == "mean":
-            out[hook] = (zc.mean(0, keepdim=True), ec.mean(0, keepdim=True))
+            out[hook] = (z.mean(0, keepdim=True), e.mean(0, keepdim=True))
         else:
-            out[hook] = (torch.zeros_like(zc[:1]), torch.zeros_like(ec[:1]))
+            out[hook] = (torch.zeros_like(z[:1]), torch.zeros_like(e[:1]))
     return out
 
 
@@ -241,12 +289,12 @@ def circuit_metric(run_clean: Runner, saes: dict[str, SAE], circuit: Circuit,
     """Mean m with every node outside `circuit` ablated (upstream ablations propagate to downstream codes)."""
     def make(hook: str, sae: SAE):
         keep_z = circuit.latents[hook].to(torch.bool)
-        keep_e = circuit.errors[hook].to(torch.bool)[None, :, None]
+        keep_e = circuit.errors[hook].to(torch.bool)[None, :, None]  # [1, 1 or seq, 1]
         z_abl, e_abl = ablate[hook]
 
         def fn(h: Tensor) -> Tensor:
             z, e = node_states(sae, h)
-            z = torch.where(keep_z, z, z_abl.to(z.device))
+            z = torch.where(keep_z.to(z.device), z, z_abl.to(z.device))
             e = torch.where(keep_e.to(e.device), e, e_abl.to(e.device))
             return (sae.decode(z).float() + e).to(h.dtype)
         return fn
@@ -261,7 +309,7 @@ def faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
 
 
 def circuit_from_scores(effects: dict[str, HookEffects], node_threshold: float) -> Circuit:
-    """Nodes with |IE| > node_threshold (latents summed over positions, errors per position)."""
+    """Nodes with |IE| > node_threshold (latents summed over positions, error nodes as their HookEffects say)."""
     return Circuit({h: e.latent_scores().abs() > node_threshold for h, e in effects.items()},
                    {h: e.error_scores().abs() > node_threshold for h, e in effects.items()})
 
@@ -281,38 +329,68 @@ def top_n_circuit(effects: dict[str, HookEffects], n: int) -> Circuit:
 
 
 def evaluate_circuit(run_clean: Runner, saes: dict[str, SAE], states: States, circuit: Circuit,
-                     ablation: str = "mean") -> dict:
-    """Faithfulness of C and completeness (faithfulness of the complement M minus C; want about 0)."""
-    ablate = ablation_values(saes, states, ablation)
-    seq = next(iter(states.clean.values())).shape[1]
-    m_full = circuit_metric(run_clean, saes, full_circuit(saes, seq), ablate)
-    m_empty = circuit_metric(run_clean, saes, full_circuit(saes, seq, keep=False), ablate)
+                     ablation: str = "mean", ablation_source: str = "patch") -> dict:
+    """Faithfulness of C and completeness (faithfulness of the complement M minus C; want about 0) on the prompts
+    of `run_clean` / `states`: pass held-out ones for an out-of-sample score (the circuit's masks carry over)."""
+    ablate = ablation_values(saes, states, ablation, ablation_source)
+    m_full = circuit_metric(run_clean, saes, circuit.full(True), ablate)
+    m_empty = circuit_metric(run_clean, saes, circuit.full(False), ablate)
     m_c = circuit_metric(run_clean, saes, circuit, ablate)
     m_rest = circuit_metric(run_clean, saes, circuit.complement(), ablate)
     return {"m_full": m_full, "m_empty": m_empty, "m_circuit": m_c, "m_complement": m_rest,
             "faithfulness": faithfulness(m_c, m_full, m_empty),
-            "completeness": faithfulness(m_rest, m_full, m_empty), "n_nodes": circuit.size()}
+            "completeness": faithfulness(m_rest, m_full, m_empty), "n_nodes": circuit.size(),
+            "n_prompts": len(states), "ablation": ablation,
+            "ablation_source": ablation_source if ablation == "mean" else None}
 
 
 def faithfulness_curve(run_clean: Runner, saes: dict[str, SAE], states: States, effects: dict[str, HookEffects],
-                       sizes: list[int], ablation: str = "mean") -> list[dict]:
-    """Faithfulness and completeness of the top-n circuits, for each n in `sizes`."""
-    return [{"n": n, **evaluate_circuit(run_clean, saes, states, top_n_circuit(effects, n), ablation)} for n in sizes]
+                       sizes: list[int], ablation: str = "mean", ablation_source: str = "patch") -> list[dict]:
+    """Faithfulness and completeness of the top-n circuits (ranked by `effects`), for each n in `sizes`, on the
+    prompts of `run_clean` / `states`."""
+    return [{"n": n, **evaluate_circuit(run_clean, saes, states, top_n_circuit(effects, n), ablation,
+                                        ablation_source)} for n in sizes]
 
 
 # ---- edges between consecutive hooks ----------------------------------------------------------------------------
-def edge_effects(run_clean: Runner, saes: dict[str, SAE], states: States, upstream: str, downstream: str,
-                 up_latents: list[int], down_latents: list[int]) -> tuple[Tensor, Tensor]:
-    """IE(u -> d) = (dm/dz_d) (dz_d/dh_up) Delta h_up through the network between the two hooks, for upstream
-    latents u and upstream error nodes (per position) into downstream latents d.
-    Returns (latent edges [n_up, n_down], error edges [seq, n_down]), summed over positions, mean over prompts."""
+@dataclass
+class Edges:
+    """Edge effects between two hooks, summed over positions and averaged over prompts (SFC aggregation "sum").
+    Rows: the upstream latents `up`, then the upstream error nodes; columns: the downstream latents `down`, then the
+    downstream error nodes (1 per hook, or 1 per position)."""
+
+    up: list[int]
+    down: list[int]
+    weight: Tensor  # [len(up) + n_error_up, len(down) + n_error_down]
+
+    @staticmethod
+    def _node(latents: list[int], index: int) -> tuple[str, int]:
+        return ("latent", latents[index]) if index < len(latents) else ("error", index - len(latents))
+
+    def items(self):
+        """(source, target, weight) with nodes ("latent", i) or ("error", j): j = 0 for a per-hook error node,
+        the position for per-position ones."""
+        for r in range(self.weight.shape[0]):
+            for c in range(self.weight.shape[1]):
+                yield self._node(self.up, r), self._node(self.down, c), self.weight[r, c].item()
+
+
+def edge_effects(run_clean: Runner, saes: dict[str, SAE], states: States, effects: dict[str, HookEffects],
+                 upstream: str, downstream: str, up_latents: list[int], down_latents: list[int]) -> Edges:
+    """IE(u -> d) = g_d . (dd/du) . Delta u (SFC `jvp`), through the network between the two hooks, for upstream
+    latents and error nodes u into downstream latents and error nodes d.
+
+    g_d is effects[downstream].grad, so edges use the same estimator as the nodes (the IG path-mean gradient when
+    the nodes are IG); dd/du is taken at the clean input. Both ends are summed over positions, then averaged over
+    prompts, so the edges into a node are on the scale of its effect (exactly, for a linear network)."""
     sae_up, sae_down = saes[upstream], saes[downstream]
-    n_down = len(down_latents)
-    seq = states.clean[upstream].shape[1]
-    latent_edges, error_edges = torch.zeros(len(up_latents), n_down), torch.zeros(seq, n_down)
-    if not up_latents and not n_down:
-        return latent_edges, error_edges
-    g_down = (states.grads[downstream] @ decoder(sae_down).T)[..., down_latents]  # [batch, seq, n_down]
+    eff_up, eff_down = effects[upstream], effects[downstream]
+    g = eff_down.grad  # [batch, seq, d_down]
+    seq = g.shape[1]
+    n_err_up = 1 if eff_up.error_nodes == "per_hook" else seq
+    n_err_down = 1 if eff_down.error_nodes == "per_hook" else seq
+    weight = torch.zeros(len(up_latents) + n_err_up, len(down_latents) + n_err_down)
+    left = g @ decoder(sae_down)[down_latents].T  # [batch, seq, n_down]: g_d . d_j, the gradient at latent j
     captured: dict[str, Tensor] = {}
 
     def up_fn(h: Tensor) -> Tensor:
@@ -323,19 +401,26 @@ def edge_effects(run_clean: Runner, saes: dict[str, SAE], states: States, upstre
         captured["h"] = h
         return h
 
+    zc, zp = states.codes[upstream]
+    ec, ep = states.errors[upstream]
+    dz = (zp - zc)[..., up_latents]  # [batch, seq, n_up]
+    de = ep - ec  # [batch, seq, d_up]
+    d_up = decoder(sae_up)[up_latents]  # [n_up, d_up]
     with torch.enable_grad():
         try:
             run_clean({upstream: up_fn, downstream: down_fn}, stop_at=downstream)
         except _Stop:
             pass
-        codes = sae_down.encode(captured["h"]).float()[..., down_latents]  # [batch, seq, n_down]
-        zc, zp = states.codes[upstream]
-        ec, ep = states.errors[upstream]
-        d_up = decoder(sae_up)[up_latents]  # [n_up, d_in]
-        for j in range(n_down):
-            (v,) = torch.autograd.grad((codes[..., j] * g_down[..., j]).sum(), captured["delta"], retain_graph=True)
-            v = v.float()  # [batch, seq, d_in]
+        h = captured["h"].float()  # [batch, seq, d_down]
+        codes = sae_down.encode(h).float()  # [batch, seq, d_sae_down]
+        error = h - sae_down.decode(codes).float()  # [batch, seq, d_down]
+        targets = [(codes[..., j] * left[..., i]).sum() for i, j in enumerate(down_latents)]
+        error_terms = eff_down.error_deltas((error * g).sum(-1))  # [batch, n_err_down]: g . eps, per node
+        targets += [error_terms[:, p].sum() for p in range(n_err_down)]
+        for column, target in enumerate(targets):
+            (v,) = torch.autograd.grad(target, captured["delta"], retain_graph=True, allow_unused=True)
+            v = torch.zeros_like(de) if v is None else v.float()  # [batch, seq, d_up]: d target / d h_up
             if up_latents:
-                latent_edges[:, j] = ((v @ d_up.T) * (zp - zc)[..., up_latents]).sum(1).mean(0)
-            error_edges[:, j] = (v * (ep - ec)).sum(-1).mean(0)
-    return latent_edges, error_edges
+                weight[:len(up_latents), column] = ((v @ d_up.T) * dz).sum(1).mean(0)
+            weight[len(up_latents):, column] = eff_up.error_deltas((v * de).sum(-1)).mean(0)
+    return Edges(list(up_latents), list(down_latents), weight)

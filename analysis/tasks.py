@@ -17,6 +17,10 @@ and per prompt the answer tokens with weights, so the metric is one formula for 
 
 Names and words that are several tokens for the tokenizer are skipped and counted (`TaskData.skipped`); prompts of a
 length other than the most common one are dropped (all prompts of a batch must align position by position).
+
+`build_split` / `split_task` cut a batch into a discovery split (to find a circuit) and an evaluation split (to
+measure it), as SFC finds circuits on `*_train.json` and scores them on `*_test.json`: identical prompts stay on one
+side, and the answers are spread evenly over both.
 """
 import random
 from collections import Counter
@@ -63,6 +67,8 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
     """Words or names skipped (value: how many), e.g. names that are several tokens for this tokenizer."""
     note: str = ""
+    split: str = "all"
+    """Which part of the built batch this is: "all", "discovery" or "evaluation"."""
 
     @property
     def n_skipped(self) -> int:
@@ -70,6 +76,12 @@ class TaskData:
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+    def subset(self, indices: list[int], split: str) -> "TaskData":
+        """The prompts at `indices`, labelled `split`."""
+        index = torch.tensor(indices, dtype=torch.long)
+        return TaskData(self.name, self.clean[index], self.patch[index], self.ids[index], self.weights[index],
+                        [self.prompts[i] for i in indices], dict(self.skipped), self.note, split)
 
 
 def single_token(tokenizer, word: str) -> int | None:
@@ -208,6 +220,43 @@ def build_task(name: str, tokenizer, n: int = 32, seed: int = 0) -> TaskData:
     if n < 2:
         raise TaskError(f"A task needs at least 2 prompts, got n={n}.")
     return builders[name](tokenizer, n, random.Random(seed))
+
+
+def split_task(task: TaskData, eval_fraction: float = 0.5, seed: int = 0) -> tuple[TaskData, TaskData]:
+    """(discovery, evaluation) parts of `task`, about `eval_fraction` of the prompts held out.
+
+    Identical clean prompts go to the same side, so no held-out prompt was seen in discovery. Prompts are grouped by
+    their correct answers, shuffled within a group (seeded) and dealt to the two sides in proportion, so each side
+    gets its share of every answer (e.g. as many " is" as " are" prompts in sva)."""
+    if not 0 < eval_fraction < 1:
+        raise TaskError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}.")
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(task.prompts):
+        groups.setdefault(prompt, []).append(i)
+    rng = random.Random(seed)
+    shuffle = {prompt: rng.random() for prompt in groups}
+
+    def answers(i: int) -> tuple[int, ...]:
+        return tuple(sorted(task.ids[i][task.weights[i] > 0].tolist()))
+
+    order = sorted(groups, key=lambda p: (answers(groups[p][0]), shuffle[p]))
+    discovery, evaluation = [], []
+    for j, prompt in enumerate(order):  # systematic sampling: group j is held out when j*f crosses an integer
+        (evaluation if int((j + 1) * eval_fraction) > int(j * eval_fraction) else discovery).extend(groups[prompt])
+    if not discovery or not evaluation:
+        raise TaskError(f"Cannot split {len(groups)} distinct {task.name} prompts with eval_fraction={eval_fraction}: "
+                        "build more prompts.")
+    return task.subset(sorted(discovery), "discovery"), task.subset(sorted(evaluation), "evaluation")
+
+
+def build_split(name: str, tokenizer, n_discovery: int = 32, n_eval: int = 32, seed: int = 0
+                ) -> tuple[TaskData, TaskData]:
+    """A discovery batch of about `n_discovery` prompts and a held-out evaluation batch of about `n_eval` (one
+    built batch, split by `split_task`; fewer when prompts repeat or have another length)."""
+    if n_discovery < 2 or n_eval < 2:
+        raise TaskError(f"A split needs at least 2 prompts on each side, got {n_discovery} and {n_eval}.")
+    task = build_task(name, tokenizer, n_discovery + n_eval, seed)
+    return split_task(task, n_eval / (n_discovery + n_eval), seed)
 
 
 def task_metric(logits: Tensor, task: TaskData) -> Tensor:

@@ -2,24 +2,45 @@
 import pytest
 import torch
 
-from analysis.circuits import (CircuitError, attribution_patching, check_hooks, circuit_from_scores, collect_states,
-                               edge_effects, evaluate_circuit, exact_error_effect, exact_latent_effect,
-                               full_circuit, integrated_gradients, lm_runner)
-from analysis.tasks import TaskError, build_task, evaluate_task
+from analysis.circuits import (CircuitError, Circuit, ablation_values, attribution_patching, check_hooks,
+                               circuit_from_scores, collect_states, edge_effects, evaluate_circuit,
+                               exact_error_effect, exact_latent_effect, full_circuit, integrated_gradients, lm_runner)
+from analysis.tasks import TaskError, build_split, build_task, evaluate_task, split_task, task_metric
 from saes import build_sae
+from saes.base import SAE, SAEConfig
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 
-def linear_runner(x, W1, W2, w, tanh=False):
-    """x [batch, seq, d] -> hook a = x W1 -> hook b = a W2 -> m = sum_seq b . w (optionally tanh after a)."""
+def linear_runner(x, W1, W2, w, tanh=False, mix=None, weights=None):
+    """x [batch, seq, d] -> hook a = x W1 -> hook b = (mix @ a) W2 -> m = sum_t weights_t phi(b_t) . w, phi = tanh
+    or identity; mix [seq, seq] mixes positions (default identity), weights [seq] (default ones)."""
     def run(replace, stop_at=None):
         a = x @ W1
         a = replace["a"](a) if "a" in replace else a
-        b = (torch.tanh(a) if tanh else a) @ W2
+        b = (a if mix is None else torch.einsum("ts,bsd->btd", mix, a)) @ W2
         b = replace["b"](b) if "b" in replace else b
-        return (b @ w).sum(1)
+        out = (torch.tanh(b) if tanh else b) @ w  # [batch, seq]
+        return (out if weights is None else out * weights).sum(1)
     return run
+
+
+class LinearSAE(SAE):
+    """An SAE whose codes are its pre-activations (no sparsity), so every derivative through it is a matrix."""
+
+    architecture = "linear-test"
+
+    def select(self, pre_acts, *, train, x_scaled, grad):
+        return pre_acts
+
+
+def linear_sae(seed, d_in, d_sae, input_scale):
+    sae = LinearSAE(SAEConfig(d_in=d_in, d_sae=d_sae, input_scale=input_scale), seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return sae.requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +53,13 @@ def toy():
     return x, x_patch, W1, W2, w, saes
 
 
-def test_atp_ig_and_exact_patching_agree_on_a_linear_network(toy):
+@pytest.mark.parametrize("error_nodes", ["per_hook", "per_position"])
+def test_atp_ig_and_exact_patching_agree_on_a_linear_network(toy, error_nodes):
     x, x_patch, W1, W2, w, saes = toy
     run, run_patch = linear_runner(x, W1, W2, w), linear_runner(x_patch, W1, W2, w)
     states = collect_states(run, run_patch, saes)
-    atp = attribution_patching(saes, states)
-    ig = integrated_gradients(run, saes, states, steps=3)
+    atp = attribution_patching(saes, states, error_nodes)
+    ig = integrated_gradients(run, saes, states, steps=3, error_nodes=error_nodes)
     for hook in "ab":
         torch.testing.assert_close(atp[hook].latent, ig[hook].latent, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(atp[hook].error, ig[hook].error, atol=1e-4, rtol=1e-4)
@@ -48,6 +70,11 @@ def test_atp_ig_and_exact_patching_agree_on_a_linear_network(toy):
         for position in range(4):
             exact = exact_error_effect(run, hook, states, position)
             torch.testing.assert_close(atp[hook].error[:, position], exact, atol=1e-4, rtol=1e-4)
+        # the error nodes' scores are exact patches of the error at every position (per hook) or at one
+        exact = (torch.stack([exact_error_effect(run, hook, states)]) if error_nodes == "per_hook" else
+                 torch.stack([exact_error_effect(run, hook, states, p) for p in range(4)]))  # [n_error, batch]
+        torch.testing.assert_close(atp[hook].error_scores(), exact.mean(1), atol=1e-4, rtol=1e-4)
+        assert atp[hook].error_scores().shape == ((1,) if error_nodes == "per_hook" else (4,))
     # the total effect of patching every node of a hook is the effect of patching the hook
     total = atp["a"].latent.sum((1, 2)) + atp["a"].error.sum(1)
     torch.testing.assert_close(total, states.patch_m - states.clean_m, atol=1e-4, rtol=1e-4)
@@ -65,20 +92,145 @@ def test_ig_converges_to_the_exact_effect_on_a_smooth_toy(toy):
     assert errors[1] < 0.05 * max(errors[0], 1e-6) + 1e-3 and errors[1] < errors[0]
 
 
-def test_edges_of_a_linear_network_are_chain_rule_products(toy):
-    x, x_patch, W1, W2, w, saes = toy
-    run, run_patch = linear_runner(x, W1, W2, w), linear_runner(x_patch, W1, W2, w)
-    states = collect_states(run, run_patch, saes)
-    latent_edges, error_edges = edge_effects(run, saes, states, "a", "b", list(range(12)), [0, 1, 2])
-    assert latent_edges.shape == (12, 3) and error_edges.shape == (4, 3)
-    assert torch.isfinite(latent_edges).all() and latent_edges.abs().sum() > 0
+@pytest.fixture(scope="module")
+def edge_toy():
+    """Linear SAEs at hooks a and b of a network that mixes positions and weights them in the metric."""
+    g = torch.Generator().manual_seed(1)
+    d, seq = 5, 4
+    W1, W2, w = torch.randn(d, d, generator=g), torch.randn(d, d, generator=g) / 2, torch.randn(d, generator=g)
+    mix, weights = torch.randn(seq, seq, generator=g) / 2, torch.randn(seq, generator=g)
+    x, x_patch = torch.randn(3, seq, d, generator=g), torch.randn(3, seq, d, generator=g)
+    saes = {"a": linear_sae(0, d, 7, 2.0), "b": linear_sae(1, d, 6, 0.5)}
+    return x, x_patch, W1, W2, w, mix, weights, saes
+
+
+def hand_edges(sae_a, sae_b, dz, de, mix, W2, g, error_nodes):
+    """Edges by hand for linear SAEs: a latent i of a moves h_a by dz_i d_i, an error node by de; then
+    delta h_b[t] = sum_s mix[t, s] delta h_a[s] W2, delta z_b = s_b W_enc_b delta h_b,
+    delta eps_b = delta h_b (I - W_enc_b^T W_dec_b), and the downstream node's gradient is g . d_j (latent j) or g
+    (error). dz [batch, seq, n_a], de [batch, seq, d], g [batch, seq, d] -> [n_a + n_err, n_b + n_err]."""
+    d_a = sae_a.W_dec / sae_a.input_scale  # [n_a, d]
+    d_b = sae_b.W_dec / sae_b.input_scale  # [n_b, d]
+    enc_b = sae_b.input_scale * sae_b.W_enc  # [n_b, d]: d z_b / d h_b
+    err_b = torch.eye(W2.shape[0]) - sae_b.W_enc.T @ sae_b.W_dec  # [d, d]: d eps_b / d h_b (row vectors)
+    moves = torch.cat([dz[..., :, None] * d_a, de[..., None, :]], dim=2)  # [batch, s, n_a + 1, d]
+    moved_b = torch.einsum("ts,bsnd,de->bsnte", mix, moves, W2)  # [batch, s_up, node, t_down, d]
+    left = (g @ d_b.T)  # [batch, t, n_b]
+    into_latents = torch.einsum("bsnte,je,btj->bsnj", moved_b, enc_b, left)  # [batch, s, node_a, n_b]
+    into_error = torch.einsum("bsnte,ef,btf->bsnt", moved_b, err_b, g)  # [batch, s, node_a, t]
+    n_a = dz.shape[-1]
+    rows = []
+    for block in (into_latents, into_error):
+        latent_rows = block[:, :, :n_a].sum(1)  # [batch, n_a, cols]
+        error_rows = block[:, :, n_a]  # [batch, s, cols]
+        if error_nodes == "per_hook":
+            error_rows = error_rows.sum(1, keepdim=True)
+        rows.append(torch.cat([latent_rows, error_rows], 1).mean(0))  # [n_a + n_err, cols]
+    latent_cols, error_cols = rows
+    if error_nodes == "per_hook":
+        error_cols = error_cols.sum(1, keepdim=True)
+    return torch.cat([latent_cols, error_cols], 1)
+
+
+@pytest.mark.parametrize("error_nodes", ["per_hook", "per_position"])
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_edges_match_a_hand_computed_linear_toy(edge_toy, method, error_nodes):
+    x, x_patch, W1, W2, w, mix, weights, saes = edge_toy
+    tanh = method == "ig"  # after hook b, so the IG gradient there differs from the clean one
+    run = linear_runner(x, W1, W2, w, tanh, mix, weights)
+    states = collect_states(run, linear_runner(x_patch, W1, W2, w, tanh, mix, weights), saes)
+    effects = (integrated_gradients(run, saes, states, steps=4, error_nodes=error_nodes) if method == "ig"
+               else attribution_patching(saes, states, error_nodes))
+    # the downstream gradient of the estimator, by hand: m = sum_t weights_t phi(h_b[t]) . w
+    b_clean, b_patch = states.clean["b"], states.patch["b"]
+    if method == "ig":
+        path = [(1 - s / 4) * b_clean + s / 4 * b_patch for s in range(4)]
+        g = sum(weights[:, None] * (1 - torch.tanh(b) ** 2) * w for b in path) / 4
+        g_clean = weights[:, None] * (1 - torch.tanh(b_clean) ** 2) * w
+        assert (g - g_clean).abs().max() > 1e-2  # the test can tell IG from clean gradients
+    else:
+        g = (weights[:, None] * w).expand_as(b_clean)
+    torch.testing.assert_close(effects["b"].grad, g, atol=1e-5, rtol=1e-5)
+    zc, zp = states.codes["a"]
+    ec, ep = states.errors["a"]
+    expected = hand_edges(saes["a"], saes["b"], zp - zc, ep - ec, mix, W2, g, error_nodes)
+    up, down = list(range(7)), [0, 2, 3, 5]
+    edges = edge_effects(run, saes, states, effects, "a", "b", up, down)
+    n_err = 1 if error_nodes == "per_hook" else 4
+    assert edges.weight.shape == (7 + n_err, 4 + n_err)
+    columns = down + list(range(6, 6 + n_err))
+    torch.testing.assert_close(edges.weight, expected[:, columns], atol=1e-4, rtol=1e-4)
+    assert expected[:7, :6].abs().min() > 1e-4 and expected.sign().unique().numel() == 2  # signs matter
+    # every node of a feeds b only through h_b, so the edges into a downstream node add up to its effect
+    node_effects = torch.cat([effects["b"].latent_scores()[down], effects["b"].error_scores()])
+    torch.testing.assert_close(edges.weight.sum(0), node_effects, atol=1e-4, rtol=1e-4)
+    items = list(edges.items())
+    assert items[0] == (("latent", 0), ("latent", 0), pytest.approx(edges.weight[0, 0].item()))
+    assert items[-1][:2] == (("error", n_err - 1), ("error", n_err - 1))
+
+
+def test_mean_ablation_uses_the_corrupted_prompts_and_evaluates_held_out_states(edge_toy):
+    x, x_patch, W1, W2, w, mix, weights, saes = edge_toy
+    run = linear_runner(x, W1, W2, w, True, mix, weights)
+    states = collect_states(run, linear_runner(x_patch, W1, W2, w, True, mix, weights), saes, grad=False)
+    assert not states.grads
+    with pytest.raises(CircuitError, match="without gradients"):
+        attribution_patching(saes, states)
+    patch_means = ablation_values(saes, states)
+    torch.testing.assert_close(patch_means["a"][0], states.codes["a"][1].mean(0, keepdim=True))
+    torch.testing.assert_close(patch_means["b"][1], states.errors["b"][1].mean(0, keepdim=True))
+
+    def m_of(b):  # the metric with h_b set to b [1 or batch, seq, d]
+        return ((torch.tanh(b) @ w) * weights).sum(1).mean().item()
+
+    circuit = full_circuit(saes)
+    for source, side in (("patch", 1), ("clean", 0)):
+        result = evaluate_circuit(run, saes, states, circuit, "mean", source)
+        # the empty circuit sets every node of b to its mean, so h_b = mean of the chosen side's h_b (decode is affine)
+        assert result["m_empty"] == pytest.approx(m_of((states.patch if side else states.clean)["b"].mean(0, keepdim=True)), abs=1e-5)
+        assert result["m_full"] == pytest.approx(m_of(states.clean["b"]), abs=1e-5)
+        assert result["ablation_source"] == source and result["n_prompts"] == 3
+    zero = evaluate_circuit(run, saes, states, circuit, "zero")
+    assert zero["ablation_source"] is None
+    assert zero["m_empty"] == pytest.approx(m_of((saes["b"].decode(torch.zeros(1, 4, 6)))), abs=1e-5)
+    # keeping only hook b's error node: h_b = decode(mean patch codes) + eps_b, eps_b recomputed from the clean a
+    # downstream of a fully ablated hook a
+    only_error = Circuit({h: torch.zeros(s.cfg.d_sae, dtype=torch.bool) for h, s in saes.items()},
+                         {"a": torch.tensor([False]), "b": torch.tensor([True])})
+    a_ablated = saes["a"].decode(patch_means["a"][0]) + patch_means["a"][1]  # [1, seq, d]
+    h_b = torch.einsum("ts,bsd->btd", mix, a_ablated) @ W2
+    error_b = h_b - saes["b"].decode(saes["b"].encode(h_b))
+    expected = m_of(saes["b"].decode(patch_means["b"][0]) + error_b)
+    assert evaluate_circuit(run, saes, states, only_error)["m_circuit"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(CircuitError, match="ablation_source"):
+        ablation_values(saes, states, "mean", "resample")
+
+
+def test_split_holds_out_distinct_prompts_with_both_answers(tiny_model):
+    task = build_task("sva", tiny_model.tokenizer, n=40, seed=3)
+    discovery, evaluation = split_task(task, 0.5, seed=3)
+    assert (discovery.split, evaluation.split) == ("discovery", "evaluation")
+    assert len(discovery) + len(evaluation) == len(task)
+    assert not set(discovery.prompts) & set(evaluation.prompts)  # repeated prompts stay on one side
+    assert abs(len(evaluation) - len(task) / 2) <= max(map(task.prompts.count, task.prompts))
+    for part in (discovery, evaluation):
+        rows = [task.prompts.index(p) for p in part.prompts]
+        assert torch.equal(part.clean, task.clean[rows]) and torch.equal(part.weights, task.weights[rows])
+        assert part.ids[:, 0].unique().numel() == 2  # both " is" and " are" prompts on each side
+    again = split_task(task, 0.5, seed=3)
+    assert again[1].prompts == evaluation.prompts
+    d2, e2 = build_split("sva", tiny_model.tokenizer, 8, 8, seed=0)
+    assert len(d2) >= 2 and len(e2) >= 2 and not set(d2.prompts) & set(e2.prompts)
+    with pytest.raises(TaskError, match="eval_fraction"):
+        split_task(task, 1.0)
 
 
 @pytest.fixture(scope="module")
 def tiny_saes():
     saes = {}
     for i, hook in enumerate(HOOKS):
-        sae = build_sae("topk" if i == 0 else "abstopk", seed=i, d_in=64, d_sae=128, k=8, input_scale=3.0)
+        fields = {} if i == 0 else {"selection": "per_token"}
+        sae = build_sae("topk" if i == 0 else "abstopk", seed=i, d_in=64, d_sae=128, k=8, input_scale=3.0, **fields)
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.1)
         saes[hook] = sae.requires_grad_(False)
@@ -103,19 +255,38 @@ def test_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty_circuit(t
     states = collect_states(run, run_patch, tiny_saes)
     seq = tiny_task.clean.shape[1]
     for ablation in ("mean", "zero"):
-        full = evaluate_circuit(run, tiny_saes, states, full_circuit(tiny_saes, seq), ablation)
-        empty = evaluate_circuit(run, tiny_saes, states, full_circuit(tiny_saes, seq, keep=False), ablation)
-        assert full["faithfulness"] == pytest.approx(1.0) and full["completeness"] == pytest.approx(0.0)
-        assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
+        for n_error in (1, seq):
+            full = evaluate_circuit(run, tiny_saes, states, full_circuit(tiny_saes, n_error), ablation)
+            empty = evaluate_circuit(run, tiny_saes, states, full_circuit(tiny_saes, n_error, keep=False), ablation)
+            assert full["faithfulness"] == pytest.approx(1.0) and full["completeness"] == pytest.approx(0.0)
+            assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
     assert full["m_full"] == pytest.approx(states.clean_m.mean().item(), abs=1e-4)
     effects = attribution_patching(tiny_saes, states)
     ig = integrated_gradients(run, tiny_saes, states, steps=2)
     assert set(ig) == set(effects) and ig[HOOKS[0]].latent.shape == (len(tiny_task), seq, 128)
     up, down = HOOKS
-    latent_edges, _ = edge_effects(run, tiny_saes, states, up, down, [0, 1, 2], [3, 4])
-    assert latent_edges.shape == (3, 2) and torch.isfinite(latent_edges).all()
+    edges = edge_effects(run, tiny_saes, states, ig, up, down, [0, 1, 2], [3, 4])
+    assert edges.weight.shape == (4, 3) and torch.isfinite(edges.weight).all()
     circuit = circuit_from_scores(effects, 0.0)
-    assert circuit.size() > 0
+    assert circuit.size() > 0 and circuit.errors[up].shape == (1,)
+
+
+def test_the_circuit_is_scored_on_held_out_prompts(tiny_model, tiny_saes):
+    from analysis.circuit_graph import CircuitsConfig, compute_circuit
+
+    discovery, evaluation = build_split("sva", tiny_model.tokenizer, 8, 8)
+    cfg = CircuitsConfig(task="sva", n_prompts=8, n_eval_prompts=8, ig_steps=2, node_threshold=0.0,
+                         max_nodes_per_hook=3)
+    graph = compute_circuit(tiny_model, tiny_saes, cfg, discovery, evaluation)
+    with torch.no_grad():
+        held_out = task_metric(tiny_model(evaluation.clean), evaluation).mean().item()
+        seen = task_metric(tiny_model(discovery.clean), discovery).mean().item()
+    assert graph["evaluation"]["m_full"] == pytest.approx(held_out, abs=1e-4)
+    assert graph["evaluation_in_sample"]["m_full"] == pytest.approx(seen, abs=1e-4)
+    assert graph["evaluation"]["n_prompts"] == len(evaluation) == graph["split"]["evaluation"]
+    assert all(row["n_prompts"] == len(evaluation) for row in graph["curve"])
+    assert "corrupted" in graph["conventions"]["ablation"] and "per hook" in graph["conventions"]["error_nodes"]
+    assert [n["id"] for n in graph["nodes"] if n["kind"] == "error"] == [f"{h}/err" for h in HOOKS]
 
 
 def test_bad_inputs_say_how_to_fix_them(tiny_model, tiny_saes):
@@ -198,14 +369,15 @@ def test_cli_writes_the_circuit_and_reports_bad_thresholds(tmp_path, tiny_model,
 
     run_dir = tmp_path / "run"
     assert main(["demo", "--model", "tiny", "--tokens", "8192", "--run-dir", str(run_dir)]) == 0
-    assert main(["circuits", "--run-dir", str(run_dir), "--task", "sva", "--n-prompts", "8", "--ig-steps", "2",
-                 "--node-threshold", "0", "--max-nodes-per-hook", "5"]) == 0
+    assert main(["circuits", "--run-dir", str(run_dir), "--task", "sva", "--n-prompts", "8", "--n-eval-prompts", "8",
+                 "--ig-steps", "2", "--node-threshold", "0", "--max-nodes-per-hook", "5"]) == 0
     out = capsys.readouterr().out
-    assert "faithfulness" in out and "skipped" in out
+    assert "faithfulness" in out and "skipped" in out and "held-out" in out and "corrupted" in out
     import json
 
     graph = json.loads((run_dir / "circuits" / "graph.json").read_text())
     assert graph["nodes"] and graph["edges"] and "does_task" in graph["task"]
+    assert graph["split"]["evaluation"] == graph["evaluation"]["n_prompts"] > 0 and graph["conventions"]
     assert (run_dir / "circuits" / "graph.html").is_file() and (run_dir / "circuits" / "graph.plotly.json").is_file()
     assert main(["circuits", "--run-dir", str(run_dir), "--task", "sva", "--n-prompts", "8", "--method", "atp",
                  "--node-threshold", "1e9"]) == 1
@@ -224,9 +396,14 @@ def test_cli_spans_the_hooks_of_saes_trained_together(tmp_path, tiny_model, tiny
     train(TrainConfig(cache=tiny_cache_cfg, hooks=list(tiny_cache_cfg.hooks), k=[8], expansion=2, batch_size=256,
                       checkpoint_every=0, wandb="off", run_dir=sweep), model=tiny_model, progress=False)
     assert main(["circuits", "--run-dir", str(sweep), "--task", "sva", "--n-prompts", "8", "--ig-steps", "2",
-                 "--node-threshold", "0", "--max-nodes-per-hook", "4"]) == 0
+                 "--node-threshold", "0", "--max-nodes-per-hook", "4", "--error-nodes", "per_position",
+                 "--ablation-source", "clean", "--n-eval-prompts", "0"]) == 0
     graph = json.loads((sweep / "circuits" / "graph.json").read_text())
     assert graph["hooks"] == list(tiny_cache_cfg.hooks)
+    assert graph["conventions"]["evaluation"].startswith("in-sample") and graph["split"]["evaluation"] == 0
+    assert "clean" in graph["conventions"]["ablation"] and graph["evaluation"]["ablation_source"] == "clean"
+    errors = [n for n in graph["nodes"] if n["kind"] == "error"]
+    assert errors and all(n["id"] == f"{n['hook']}/err{n['position']}" for n in errors)
     hooks_of = {n["id"]: n["hook"] for n in graph["nodes"]}
     assert any(hooks_of[e["source"]] == tiny_cache_cfg.hooks[0] and hooks_of[e["target"]] == tiny_cache_cfg.hooks[1]
                for e in graph["edges"])  # edges between SAE nodes at consecutive hook points
