@@ -158,7 +158,8 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "features": (FeaturesConfig, run_features, "Build a run's feature store (top contexts, quantile samples, "
                                                "histograms, density, logit lens, neighbours) in RUN_DIR/features."),
     "circuits": (CircuitsConfig, run_circuits, "Find a sparse feature circuit for a task (ioi, "
-                 "greater_than, sva) with a run's SAE: RUN_DIR/circuits/graph.json + a layered figure."),
+                 "greater_than, sva) with a run's SAE on discovery prompts and score its faithfulness and "
+                 "completeness on held-out ones: RUN_DIR/circuits/graph.json + a layered figure."),
     "app": (AppConfig, run_app,
             "Start the Streamlit workbench (runs, feature browser, live text, steering, circuits) on RUNS_DIR."),
 }

@@ -16,12 +16,25 @@ if graph is None:
 task = graph["task"]
 st.markdown(f"**Task** `{task['task']}`: {task.get('message', '')}")
 evaluation = graph["evaluation"]
+held_out = bool(graph.get("split", {}).get("evaluation"))
+where = "held-out" if held_out else "in-sample"
 c1, c2, c3 = st.columns(3)
 c1.metric("Nodes", evaluation["n_nodes"])
-c2.metric("Faithfulness", f"{evaluation['faithfulness']:.2f}")
-c3.metric("Completeness", f"{evaluation.get('completeness', float('nan')):.2f}")
+c2.metric(f"Faithfulness ({where})", f"{evaluation['faithfulness']:.2f}")
+c3.metric(f"Completeness ({where})", f"{evaluation.get('completeness', float('nan')):.2f}")
+conventions = graph.get("conventions")
+if conventions:
+    in_sample = graph.get("evaluation_in_sample", evaluation)
+    st.caption(f"Scored on {evaluation.get('n_prompts', '?')} {where} prompts"
+               + (f" (in-sample on {in_sample['n_prompts']}: faithfulness {in_sample['faithfulness']:.2f}, "
+                  f"completeness {in_sample['completeness']:.2f})" if held_out else "")
+               + f". Node effects: {conventions['node_effects']}; error nodes: {conventions['error_nodes']}; "
+               f"ablation: {conventions['ablation']}.")
+else:
+    st.caption("Saved by an older `saewb circuits` (per-position error nodes, in-sample scores): run it again.")
 st.plotly_chart(graph_figure(graph), use_container_width=True)
-st.plotly_chart(curve_figure(graph["curve"]), use_container_width=True)
+st.plotly_chart(curve_figure(graph["curve"], f"Faithfulness and completeness as the circuit grows ({where})"),
+                use_container_width=True)
 own_hook = run.sae_cfg().get("metadata", {}).get("hook_name")
 lines = ["| node | hook | effect | label |", "|---|---|---|---|"]
 for node in sorted((n for n in graph["nodes"] if n["kind"] == "latent"), key=lambda n: -abs(n["effect"])):
