@@ -1,14 +1,20 @@
 """What a steered generation did (algorithms.md §10.4): concept strength, fluency and side effects, per
 generation and as sweeps over the strength alpha, as a table and plotly figures (and W&B when on).
 
-For a steered continuation, both the steered and the unsteered model score the same token sequence:
-- target_activation: mean code of the target latent at the generated positions (SAE on the edited activations);
-- target_logprob_change: mean over the chosen target tokens of log p_steered - log p_unsteered at the last
-  prompt position (the first generated token's distribution);
-- kl: mean over generated positions of KL(steered || unsteered) next-token distributions;
+For a steered continuation, both the steered and the unsteered model score the same token sequence (teacher
+forcing); "continuation" means the positions that predict the generated tokens:
+- target_logprob_change: mean over the continuation and the chosen target tokens of log p_steered - log p_unsteered
+  (measured at the output, and where every position mode can act: a generated-only edit first acts on the
+  prediction of the second generated token);
+- target_activation_in_text: the concept in the output, read back: mean code of the target latent at the
+  generated positions when the *unsteered* model reads the steered text (no edit applied);
+- target_activation_at_hook: the same code on the edited activations at the hook itself. Not a measure of
+  success: an edit along the latent raises it by construction;
+- kl: mean over the continuation of KL(steered || unsteered) next-token distributions;
 - perplexity: of the generated tokens under the unsteered model (fluency; lower reads more natural);
-- off_target_changed / off_target_drift: latents other than the target whose code changed (mean count per
-  generated position) and the mean L2 norm of that change.
+- off_target_changed / off_target_drift: latents other than the target whose code changed at the hook (mean
+  count per generated position) and the mean L2 norm of that change.
+Code-based metrics leave out generated special tokens (e.g. EOS), as SAE training does.
 """
 import json
 import math
@@ -19,7 +25,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from analysis.steering import Edit, additive, check_hook, decoder_direction, generate, prompt_tokens
+from analysis.steering import Edit, Span, additive, check_hook, decoder_direction, generate, prompt_tokens
 from saes.base import SAE
 
 
@@ -28,11 +34,12 @@ def score(model, sae: SAE, hook: str, tokens: Tensor, prompt_len: int, edit: Edi
           target_ids: list[int] | None = None) -> dict:
     """Metrics of one steered sequence tokens [1, pos] (see the module docstring)."""
     check_hook(model, hook)
+    span = Span.of(model, tokens, prompt_len)
     captured = {}
 
     def capture(name: str, change: Edit | None):
         def fn(h: Tensor, hook) -> Tensor:
-            out = change(h, prompt_len) if change is not None else h
+            out = change(h, span) if change is not None else h
             captured[name] = out.detach()
             return out
         return fn
@@ -49,14 +56,15 @@ def score(model, sae: SAE, hook: str, tokens: Tensor, prompt_len: int, edit: Edi
         "perplexity": math.exp(-base_lp[gen].gather(-1, generated[:, None]).mean().item()),
     }
     if target_ids:
-        last = prompt_len - 1
         ids = torch.tensor(target_ids)
-        metrics["target_logprob_change"] = (steered_lp[last, ids] - base_lp[last, ids]).mean().item()
-    codes_base = sae.encode(captured["base"][0, prompt_len:])  # [gen, d_sae]
-    codes_steered = sae.encode(captured["steered"][0, prompt_len:])
+        metrics["target_logprob_change"] = (steered_lp[gen][:, ids] - base_lp[gen][:, ids]).mean().item()
+    regular = ~span.special[0, prompt_len:]  # [gen]; the SAE's codes at special tokens are off-scale (never trained)
+    codes_base = sae.encode(captured["base"][0, prompt_len:][regular])  # [gen', d_sae]: unsteered model on the text
+    codes_steered = sae.encode(captured["steered"][0, prompt_len:][regular])
     change = codes_steered - codes_base
     if latent is not None:
-        metrics["target_activation"] = codes_steered[:, latent].mean().item()
+        metrics["target_activation_in_text"] = codes_base[:, latent].float().mean().item()
+        metrics["target_activation_at_hook"] = codes_steered[:, latent].float().mean().item()
         change[:, latent] = 0
     metrics["off_target_changed"] = (change.abs() > 1e-6).sum(-1).float().mean().item()
     metrics["off_target_drift"] = change.norm(dim=-1).mean().item()
@@ -64,11 +72,11 @@ def score(model, sae: SAE, hook: str, tokens: Tensor, prompt_len: int, edit: Edi
 
 
 def sweep(model, sae: SAE, hook: str, prompt: str, latent: int, alphas: list[float], *,
-          make_edit: Callable[[float], Edit] | None = None, method: str = "additive",
+          make_edit: Callable[[float], Edit | None] | None = None, method: str = "additive",
           target_ids: list[int] | None = None, max_new_tokens: int = 20, positions: str = "all") -> list[dict]:
     """One row per alpha: the continuation's text and its metrics. `make_edit(alpha)` defaults to adding alpha
-    times the latent's decoder row; pass e.g. `lambda a: clamp(sae, latent, a)` or an additive edit along a
-    difference-in-means or gradient-steering vector to compare methods on the same footing."""
+    times the latent's decoder row; pass e.g. `lambda a: clamp(sae, latent, a)`, a `gradient_descent` edit, or an
+    additive edit along a difference-in-means vector to compare methods on the same footing (None = unsteered)."""
     tokens = prompt_tokens(model, prompt)
     if make_edit is None:
         vector = decoder_direction(sae, latent)
@@ -83,14 +91,19 @@ def sweep(model, sae: SAE, hook: str, prompt: str, latent: int, alphas: list[flo
     return rows
 
 
-def tradeoff_figure(rows: list[dict], strength: str = "target_activation") -> go.Figure:
-    """Concept strength against fluency (perplexity), one line per method, points labelled by alpha."""
+def tradeoff_figure(rows: list[dict], strength: str = "target_activation_in_text",
+                    baseline: dict | None = None) -> go.Figure:
+    """Concept strength against fluency (perplexity), one line per method, points labelled by alpha; `baseline`
+    (the unsteered continuation's metrics, e.g. `score(..., edit=None, ...)`) is drawn as its own marker."""
     figure = go.Figure()
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         figure.add_trace(go.Scatter(x=[r[strength] for r in mine], y=[r["perplexity"] for r in mine],
                                     mode="lines+markers+text", text=[f"α={r['alpha']:g}" for r in mine],
                                     textposition="top center", name=method))
+    if baseline is not None:
+        figure.add_trace(go.Scatter(x=[baseline[strength]], y=[baseline["perplexity"]], mode="markers",
+                                    marker=dict(symbol="x", size=12, color="black"), name="unsteered"))
     figure.update_layout(title="Steering: concept strength vs fluency", xaxis_title=strength,
                          yaxis_title="perplexity under the unsteered model", template="plotly_white")
     return figure
