@@ -161,6 +161,40 @@ def head_discovery(outputs: Tensor, positive: Tensor, names: list[str], truth: s
     return result
 
 
+@torch.no_grad()
+def head_patching_effects(model, clean: Tensor, patch: Tensor, metric, batch_heads: int = 8) -> tuple[Tensor, list[str]]:
+    """Exact activation patching of every head (the ground truth for head discovery when no published circuit
+    can be loaded): for head L.H, the clean run with that head's `hook_z` at every position replaced by its value
+    on the patch prompts; effect = mean(m(clean) - m(patched)) / mean(m(clean) - m(patch)), so a head carrying the
+    whole behaviour scores 1. `metric(logits [batch, seq, vocab]) -> [batch]`. Heads are patched `batch_heads` at a
+    time by stacking copies of the batch. Returns effects [n_heads_total] and names 'L.H'."""
+    n_layers = model.cfg.n_layers
+    hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    _, cache = model.run_with_cache(patch, names_filter=lambda name: name in hooks)
+    patched_z = {h: cache[h] for h in hooks}  # each [batch, seq, heads, d_head]
+    m_clean, m_patch = metric(model(clean)).mean(), metric(model(patch)).mean()
+    n = clean.shape[0]
+    heads = [(layer, head) for layer in range(n_layers) for head in range(patched_z[hooks[layer]].shape[2])]
+    effects = []
+    for start in range(0, len(heads), batch_heads):
+        group = heads[start:start + batch_heads]
+
+        def patch_hook(z: Tensor, hook, layer: int) -> Tensor:
+            z = z.clone()
+            for copy, (lay, head) in enumerate(group):
+                if lay == layer:
+                    z[copy * n:(copy + 1) * n, :, head] = patched_z[hooks[layer]][:, :, head]
+            return z
+
+        fwd = [(hooks[layer], lambda z, hook, layer=layer: patch_hook(z, hook, layer))
+               for layer in sorted({lay for lay, _ in group})]
+        with model.hooks(fwd_hooks=fwd):
+            logits = model(clean.repeat(len(group), 1))  # [len(group) * batch, seq, vocab]
+        effects += [(m_clean - metric(part).mean()).item() for part in logits.split(n)]
+    denominator = (m_clean - m_patch).item()
+    return torch.tensor(effects) / denominator, [f"{lay}.{head}" for lay, head in heads]
+
+
 def planted_head_data(n: int = 40, n_heads: int = 12, d_head: int = 8, planted: int = 5, seed: int = 0
                       ) -> tuple[Tensor, Tensor]:
     """Synthetic head outputs: each head has its own fixed output plus small noise, identical in distribution on

@@ -91,3 +91,34 @@ def test_hand_computed_selection_and_normalisation():
     positive = torch.tensor([True, True, False, False])
     assert edge_scores(codes, positive)[0, 1] == 1
     assert edge_scores(codes, positive, normalise=True)[0, 1] == 1 / (2 + 2)  # / (|P| + |N|), not / |P u N|
+
+
+def test_head_patching_effects_match_one_head_patched_by_hand(tiny_model):
+    from analysis.circuit_heads import head_patching_effects
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, 1000, (4, 7), generator=generator)
+    patch = torch.randint(3, 1000, (4, 7), generator=generator)
+    target = 17
+
+    def metric(logits):  # [batch, seq, vocab] -> [batch]
+        return logits[:, -1, target]
+
+    effects, names = head_patching_effects(tiny_model, clean, patch, metric, batch_heads=3)  # groups span layers
+    assert names == [f"{layer}.{head}" for layer in range(2) for head in range(4)] and effects.shape == (8,)
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(patch, names_filter=lambda name: name.endswith("attn.hook_z"))
+        m_clean, m_patch = metric(tiny_model(clean)).mean(), metric(tiny_model(patch)).mean()
+        for layer, head in ((0, 1), (1, 2)):
+            hook = f"blocks.{layer}.attn.hook_z"
+
+            def swap(z, hook, name=hook, head=head):
+                z = z.clone()
+                z[:, :, head] = cache[name][:, :, head]
+                return z
+
+            with tiny_model.hooks(fwd_hooks=[(hook, swap)]):
+                m_one = metric(tiny_model(clean)).mean()
+            expected = (m_clean - m_one) / (m_clean - m_patch)
+            torch.testing.assert_close(effects[names.index(f"{layer}.{head}")], expected, atol=1e-5, rtol=1e-4)
+    assert effects.abs().gt(1e-4).any()
