@@ -83,7 +83,9 @@ def _prefix_sq_errors(e0: Tensor, values: Tensor, rows: Tensor) -> Tensor:
 
 
 def _prefix_errors_of_indices(e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    return prefix_sq_errors(e0, values, W_dec[indices])  # gathers [chunk, K, d_in] rows
+    # embedding, not W_dec[indices]: under checkpointing the indexing backward accumulated in a thread-dependent
+    # order on CPU, so two identical runs differed (and resume could not be bit-identical).
+    return prefix_sq_errors(e0, values, torch.nn.functional.embedding(indices, W_dec))  # [chunk, K, d_in] rows
 
 
 class HierarchicalTopKSAE(SAE):

@@ -116,7 +116,9 @@ class SAEState:
         betas = tuple(cfg.adam_betas) if cfg.adam_betas is not None else sae.adam_betas
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, fused=fused or None)
         self.counter = DeadLatentCounter(sae.cfg.d_sae, cfg.dead_tokens, device=sae.W_dec.device)
-        self.target_k = getattr(sae.cfg, "k", None)
+        # k-annealing moves the training budget `k`; HierarchicalTopK trains every prefix up to k_max (its `k` is
+        # only the inference budget), so it has nothing to anneal.
+        self.target_k = None if hasattr(sae.cfg, "k_max") else getattr(sae.cfg, "k", None)
         self.target_sparsity = getattr(sae, "sparsity_coef", None)
         self.forward = torch.compile(sae) if cfg.compile else sae
         self.seconds = 0.0  # time spent in this SAE's steps (its share of a multi-SAE pass)

@@ -123,3 +123,16 @@ def test_planted_recovery_and_monotone_curve():
     assert curve[-1] < 0.12 and curve[3] < 0.22
     assert history[-1]["fvu"] < 0.12
     assert mean_best_cosine(sae.W_dec, planted.directions) > 0.88
+
+
+def test_prefix_errors_stay_fp32_under_bf16_autocast():
+    """bf16 Gram matmuls err by ~1 on ||x||^2 ~ 600; the prefix errors must keep fp32 accuracy under autocast."""
+    generator = torch.Generator().manual_seed(0)
+    e0 = 3 * torch.randn(64, 64, generator=generator)  # ||e0||^2 ~ 576
+    rows = torch.nn.functional.normalize(torch.randn(64, 8, 64, generator=generator), dim=-1)
+    values = torch.rand(64, 8, generator=generator) * 2
+    reference = prefix_sq_errors(e0.double(), values.double(), rows.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = prefix_sq_errors(e0, values, rows)
+    assert errors.dtype == torch.float32
+    torch.testing.assert_close(errors.double(), reference, atol=2e-3, rtol=1e-5)
