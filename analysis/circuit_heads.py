@@ -8,6 +8,7 @@ on positive prompts but never on negatives, |C+ \\ C-| (optionally / |C+ u C-|),
 explicit (no "first half are positives" assumption). Edge (head-pair) scores count code pairs seen on positives but
 never on negatives (optionally / (|P| + |N|)); as in the reference code, the ordered pairs are sorted, the heads of the
 first n^2 // 2 entries of the sorted pair list are counted, and the counts are softmaxed into a second head ranking.
+`head_patching_effects` gives a ground truth to score them against: exact activation patching of every head.
 """
 import math
 
@@ -162,7 +163,8 @@ def head_discovery(outputs: Tensor, positive: Tensor, names: list[str], truth: s
 
 
 @torch.no_grad()
-def head_patching_effects(model, clean: Tensor, patch: Tensor, metric, batch_heads: int = 8) -> tuple[Tensor, list[str]]:
+def head_patching_effects(model, clean: Tensor, patch: Tensor, metric, batch_heads: int = 8
+                          ) -> tuple[Tensor, list[str]]:
     """Exact activation patching of every head (the ground truth for head discovery when no published circuit
     can be loaded): for head L.H, the clean run with that head's `hook_z` at every position replaced by its value
     on the patch prompts; effect = mean(m(clean) - m(patched)) / mean(m(clean) - m(patch)), so a head carrying the

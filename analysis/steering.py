@@ -77,7 +77,8 @@ def position_mask(positions: Positions, length: int, prompt_len: int, device) ->
 
 
 def edit_mask(h: Tensor, span: Span, positions: Positions, include_special: bool) -> Tensor:
-    """Where an edit acts on h [batch, pos, d]: the chosen positions, minus special tokens unless asked. [batch, pos, 1]."""
+    """Where an edit acts on h [batch, pos, d]: the chosen positions, minus special tokens unless asked.
+    Returns [batch, pos, 1] bool."""
     if span.special.shape[-1] != h.shape[1]:
         raise SteeringError(f"The span covers {span.special.shape[-1]} positions but the activations have "
                             f"{h.shape[1]}: build it from the tokens being run (Span.of(model, tokens)).")
@@ -156,7 +157,8 @@ class GradientDescentEdit:
         if objective not in ("l2", "cosine"):
             raise SteeringError(f"objective must be l2 or cosine, got {objective!r}.")
         if prototype.shape != (sae.cfg.d_sae,):
-            raise SteeringError(f"The prototype must be one code of {sae.cfg.d_sae} latents, got {tuple(prototype.shape)}.")
+            raise SteeringError(f"The prototype must be one code of {sae.cfg.d_sae} latents, "
+                                f"got shape {tuple(prototype.shape)}.")
         self.sae, self.prototype = sae, prototype.detach().float()
         self.steps, self.lr, self.l1, self.objective = steps, lr, l1, objective
         self.positions, self.include_special = positions, include_special
