@@ -24,37 +24,35 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from bench.machine import describe_machine
-from saes import ARCHITECTURES, build_sae, sae_class
+from saes import ARCHITECTURES, build_sae, calibrate_thresholds, sae_class
 from saes.base import SAE
 from training.synthetic import fraction_recovered, make_planted, mean_best_cosine, with_gradients
 from training.trainer import LoopConfig, Trainer, as_pair
 
-# Per-variant settings beyond d_in, d_sae, k (tuned in each variant's planted-recovery test). Threshold EMAs start
-# once the encoder has settled: "half"/"third" of the run (the tests start them at 300 or 200 of 600 steps).
-# "k" means the run's k. `scaled`: on synthetic data the inputs are scaled to E||x|| = sqrt(d) (their tests do
+# Per-variant settings beyond d_in, d_sae, k (tuned in each variant's planted-recovery test). "k" means the run's k. `scaled`: on synthetic data the inputs are scaled to E||x|| = sqrt(d) (their tests do
 # this; their sparsity coefficient and threshold bandwidth are in those units). On model data every variant is scaled.
 VARIANT_SETTINGS: dict[str, dict] = {
     "topk": {},
-    "batchtopk": {"threshold_decay": 0.99, "threshold_start_step": "half"},
+    "batchtopk": {},
     "jumprelu": {"threshold_init": 0.2, "bandwidth": 0.1, "sparsity_coef": 1.0, "scaled": True},
     "relu_l1": {"l1_coef": 1.0, "scaled": True},
-    "abstopk": {"threshold_decay": 0.99, "threshold_start_step": "half"},
+    "abstopk": {},
     "matching_pursuit": {},
     "matching_pursuit_signed": {},
     "gradient_topk": {"beta": 1.0},
     "hierarchical_topk": {"k_max": "k"},
-    "mutual_choice": {"threshold_decay": 0.99, "threshold_start_step": "half"},
-    "feature_choice": {"threshold_start_step": "third"},
+    "mutual_choice": {},
+    "feature_choice": {},
 }
 """Registered names missing here train with their config defaults (plus k where they have one)."""
-SYMBOLIC = {"half": "steps/2", "third": "steps/3", "k": "k"}
+SYMBOLIC = {"k": "k"}
 
 
 def parse_value(text: str):
@@ -85,7 +83,7 @@ def variant_fields(arch: str, d_in: int, d_sae: int, k: int, steps: int, overrid
     fields = {"d_in": d_in, "d_sae": d_sae}
     if "k" in names and arch != "hierarchical_topk":  # hierarchical's k is the inference budget; k_max trains
         fields["k"] = k
-    special = {"half": steps // 2, "third": steps // 3, "k": k}
+    special = {"k": k}
     for name, value in settings.items():
         if name not in names:
             raise ValueError(f"{arch} has no config field {name!r}; its fields: {', '.join(sorted(names))}.")
@@ -94,7 +92,7 @@ def variant_fields(arch: str, d_in: int, d_sae: int, k: int, steps: int, overrid
 
 
 def describe_settings(arch: str, overrides: dict) -> str:
-    """The variant's settings as written in VARIANT_SETTINGS (+ overrides), e.g. `threshold_start_step=steps/2`."""
+    """The variant's settings as written in VARIANT_SETTINGS (+ overrides), e.g. `k_max=k`."""
     settings = {**VARIANT_SETTINGS.get(arch, {}), **overrides.get(arch, {})}
     scaled = settings.pop("scaled", False)
     names = {f.name for f in dataclasses.fields(sae_class(arch).config_cls)}
@@ -132,8 +130,9 @@ class HeldOut:
 
 
 # ---- training -----------------------------------------------------------------------------------------------
-def train_timed(sae: SAE, batches: Iterator, steps: int, loop: LoopConfig) -> dict:
-    """Train in place; time only the SAE steps. Batches are x or (x, grad); grad goes only to variants using it."""
+def train_timed(sae: SAE, batches: Iterator, steps: int, loop: LoopConfig, calibration: Callable[[], Iterator]) -> dict:
+    """Train in place; time only the SAE steps. Batches are x or (x, grad); grad goes only to variants using it.
+    Batch-dependent variants then calibrate their inference threshold on `calibration()`'s batches (§3.1)."""
     trainer = Trainer({"sae": (sae, "x")}, loop, steps)
     seconds, record = 0.0, {}
     for _ in range(steps):
@@ -145,9 +144,11 @@ def train_timed(sae: SAE, batches: Iterator, steps: int, loop: LoopConfig) -> di
         started = time.perf_counter()
         record = trainer.train_step({"x": item})["sae"]
         seconds += time.perf_counter() - started
-    return {"steps": trainer.step, "train_tokens": trainer.tokens, "train_s": seconds,
+    result = {"steps": trainer.step, "train_tokens": trainer.tokens, "train_s": seconds,
             "tokens_per_s": trainer.tokens / max(seconds, 1e-9),
             "train_fvu": record.get("fvu", math.nan), "train_l0": record.get("l0", math.nan)}
+    calibrate_thresholds(sae, (as_pair(batch)[0] for batch in calibration()), loop.calibration_batches)
+    return result
 
 
 def run_synthetic(args, overrides: dict, log) -> tuple[dict, dict]:
@@ -164,7 +165,8 @@ def run_synthetic(args, overrides: dict, log) -> tuple[dict, dict]:
         sae = build_sae(arch, seed=args.seed, **fields)
         sae.init_b_dec(sample)
         batches = with_gradients(planted, args.batch_size, args.seed)  # same x for every variant
-        row = train_timed(sae, batches, args.syn_steps, loop)
+        row = train_timed(sae, batches, args.syn_steps, loop,
+                          lambda: with_gradients(planted, args.batch_size, args.seed))
         evaluation = HeldOut(args.syn_d, args.syn_d_sae)
         for chunk in held_out.split(4096):
             evaluation.add(sae, chunk)
@@ -219,7 +221,8 @@ def run_model(args, overrides: dict, log) -> tuple[dict, dict]:
         sae.init_b_dec(sample)
         # (x, grad) for everyone: the same seed gives the same x in the same order; only g-SAE is given grad
         batches = cache.batches(hook, args.batch_size, seed=args.seed, shards=train_ids, grads=True, epochs=epochs)
-        row = train_timed(sae, iter(batches), args.model_steps, loop)
+        row = train_timed(sae, iter(batches), args.model_steps, loop,
+                          lambda: iter(cache.batches(hook, args.batch_size, seed=args.seed, shards=train_ids)))
         evaluation = HeldOut(d, d_sae)
         for index in eval_ids:
             for chunk in cache.shard_tokens(index, hook).split(4096):
