@@ -13,6 +13,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -20,8 +21,28 @@ from training.logger import WANDB_MODES
 
 
 # ---- figures ------------------------------------------------------------------------------------------------
+def error_bar(value, ci) -> dict | None:
+    """Plotly error bars (asymmetric) from bootstrap intervals: ci is [low, high] per point, or None."""
+    values = value if isinstance(value, list) else [value]
+    cis = ci if isinstance(ci, list) and ci and isinstance(ci[0], (list, type(None))) else [ci]
+    if not any(c and None not in c for c in cis):
+        return None
+    plus = [c[1] - v if c and None not in c and v is not None else 0 for v, c in zip(values, cis)]
+    minus = [v - c[0] if c and None not in c and v is not None else 0 for v, c in zip(values, cis)]
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "visible": True}
+
+
+def core_ci(card: dict, key: str):
+    return card.get("intervals", {}).get("core", {}).get(key)
+
+
+def down_ci(card: dict, key: str):
+    return card.get("intervals", {}).get("downstream", {}).get(key)
+
+
 def card_figures(card: dict) -> dict:
-    """Plotly figures of one card: latent density histogram, per-token L0 histogram, budget curve (if any)."""
+    """Plotly figures of one card: latent density histogram, per-token L0 histogram, budget curve (if any) with
+    95% bootstrap error bars."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -41,14 +62,21 @@ def card_figures(card: dict) -> dict:
         rows = card["budget"]
         fig = make_subplots(rows=1, cols=2, subplot_titles=("FVU vs measured L0", "delta LM loss vs measured L0"))
         text = [f"k={r['k']}" for r in rows]
-        fig.add_trace(go.Scatter(x=[r["l0"] for r in rows], y=[r["fvu"] for r in rows], mode="lines+markers",
-                                 text=text, name="FVU"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=[r["l0"] for r in rows], y=[r["delta_lm_loss"] for r in rows],
-                                 mode="lines+markers", text=text, name="delta LM loss"), row=1, col=2)
+        x = [r["l0"] for r in rows]
+        error_x = error_bar(x, [r.get("ci", {}).get("l0") for r in rows])
+        for col, key, name in ((1, "fvu", "FVU"), (2, "delta_lm_loss", "delta LM loss")):
+            y = [r[key] for r in rows]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", text=text, name=name, error_x=error_x,
+                                     error_y=error_bar(y, [r.get("ci", {}).get(key) for r in rows])), row=1, col=col)
         fig.update_xaxes(type="log", title_text="L0")
-        fig.update_layout(title=f"{card['name']}: budget curve (one checkpoint, k varied at inference)")
+        fig.update_layout(title=f"{card['name']}: budget curve (one checkpoint, k varied at inference; "
+                                f"{convention_of(card)} convention, 95% bootstrap intervals)")
         figures["budget_curve"] = fig
     return figures
+
+
+def convention_of(card: dict) -> str:
+    return card.get("eval", {}).get("convention") or card.get("downstream", {}).get("convention") or "special_masked"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -62,26 +90,37 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def comparison_figures(cards: list[dict], labels: list[str]) -> dict:
+    """FVU vs L0 (Pareto front), delta LM loss vs L0, dead latents, budget curves; 95% bootstrap error bars."""
     import plotly.graph_objects as go
+
+    conventions = sorted({convention_of(c) for c in cards})
 
     def scatter(y_key: str, section: str, title: str, y_title: str, front: bool = False):
         fig = go.Figure()
         for card, label in zip(cards, labels):
-            fig.add_trace(go.Scatter(x=[card["core"]["l0"]], y=[card[section][y_key]], mode="markers", name=label,
-                                     text=[card["architecture"]], marker={"size": 10}))
+            y = card[section].get(y_key)
+            y_ci = core_ci(card, y_key) if section == "core" else down_ci(card, y_key)
+            fig.add_trace(go.Scatter(x=[card["core"]["l0"]], y=[y], mode="markers", name=label,
+                                     text=[card["architecture"]], marker={"size": 10},
+                                     error_x=error_bar(card["core"]["l0"], core_ci(card, "l0")),
+                                     error_y=error_bar(y, y_ci)))
         if front:
-            points = pareto_front([(c["core"]["l0"], c[section][y_key]) for c in cards])
+            points = pareto_front([(c["core"]["l0"], c[section].get(y_key)) for c in cards])
             fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines",
                                      name="Pareto front", line={"dash": "dash", "color": "gray"}))
         fig.update_layout(title=title, xaxis_title="L0 (measured)", yaxis_title=y_title)
         return fig
 
+    tag = f"{'/'.join(conventions)} convention; 95% bootstrap intervals over contexts"
     figures = {
-        "fvu_vs_l0": scatter("fvu", "core", "FVU vs L0 (lower-left is better)", "FVU", front=True),
-        "delta_lm_loss_vs_l0": scatter("delta_lm_loss", "downstream", "delta LM loss vs L0", "CE_sae - CE_clean"),
+        "fvu_vs_l0": scatter("fvu", "core", f"FVU vs L0 (lower-left is better; {tag})", "FVU", front=True),
+        "delta_lm_loss_vs_l0": scatter("delta_lm_loss", "downstream", f"delta LM loss vs L0 ({tag})",
+                                       "CE_sae - CE_clean"),
     }
-    fig = go.Figure(go.Bar(x=labels, y=[100 * c["core"]["dead_frac"] for c in cards]))
-    fig.update_layout(title="Dead latents (never fired on the eval set)", yaxis_title="% of latents")
+    dead = [100 * c["core"]["dead_frac"] for c in cards]
+    dead_ci = [[100 * v for v in core_ci(c, "dead_frac")] if core_ci(c, "dead_frac") else None for c in cards]
+    fig = go.Figure(go.Bar(x=labels, y=dead, error_y=error_bar(dead, dead_ci)))
+    fig.update_layout(title=f"Dead latents (never fired on the eval set; {tag})", yaxis_title="% of latents")
     figures["dead_latents"] = fig
     if any(c.get("budget") for c in cards):
         from plotly.subplots import make_subplots
@@ -92,47 +131,104 @@ def comparison_figures(cards: list[dict], labels: list[str]) -> dict:
             if not rows:
                 continue
             x = [r["l0"] for r in rows]
-            fig.add_trace(go.Scatter(x=x, y=[r["fvu"] for r in rows], mode="lines+markers", name=label,
-                                     legendgroup=label), row=1, col=1)
-            fig.add_trace(go.Scatter(x=x, y=[r["delta_lm_loss"] for r in rows], mode="lines+markers", name=label,
-                                     legendgroup=label, showlegend=False), row=1, col=2)
+            error_x = error_bar(x, [r.get("ci", {}).get("l0") for r in rows])
+            for col, key in ((1, "fvu"), (2, "delta_lm_loss")):
+                y = [r[key] for r in rows]
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, legendgroup=label,
+                                         showlegend=col == 1, error_x=error_x,
+                                         error_y=error_bar(y, [r.get("ci", {}).get(key) for r in rows])),
+                              row=1, col=col)
         fig.update_xaxes(type="log", title_text="L0")
-        fig.update_layout(title="Budget curves (k varied at inference on one checkpoint)")
+        fig.update_layout(title=f"Budget curves (k varied at inference on one checkpoint; {tag})")
         figures["budget_curves"] = fig
     return figures
 
 
 # ---- the comparison table -----------------------------------------------------------------------------------
-COLUMNS = [  # (header, section, key, format)
+SAEBENCH, MASKED = "downstream:saebench", "downstream:special_masked"
+COLUMNS = [  # (header, section, key, format); section "downstream:<convention>" reads that convention's results
     ("run", None, "label", "s"), ("architecture", None, "architecture", "s"), ("hook", None, "hook", "s"),
-    ("d_sae", None, "d_sae", "d"), ("k", None, "k", "s"), ("L0", "core", "l0", ".2f"), ("FVU", "core", "fvu", ".4f"),
+    ("d_sae", None, "d_sae", "d"), ("k", None, "k", "s"), ("convention", None, "convention", "s"),
+    ("L0", "core", "l0", ".2f"), ("FVU (with outliers)", "core", "fvu_with_outliers", ".4f"),
+    ("FVU (without outliers)", "core", "fvu_without_outliers", ".4f"),
+    ("explained variance (1 - FVU)", "core", "explained_variance", ".4f"),
+    ("EV (SAEBench)", "core", "explained_variance_saebench", ".4f"),
+    ("EV (SAEBench legacy, per token)", "core", "explained_variance_saebench_legacy", ".4f"),
     ("cosine", "core", "cosine", ".4f"), ("MSE", "core", "mse", ".4g"), ("L1", "core", "l1", ".4g"),
     ("dead %", "core", "dead_frac", "%"), ("dense >1% %", "core", "dense_frac_1pct", "%"),
     ("dense >10% %", "core", "dense_frac_10pct", "%"), ("shrinkage gamma", "core", "shrinkage_gamma", ".4f"),
-    ("CE clean", "downstream", "ce_clean", ".4f"), ("CE SAE", "downstream", "ce_sae", ".4f"),
-    ("CE zero", "downstream", "ce_zero", ".4f"), ("CE mean", "downstream", "ce_mean", ".4f"),
-    ("CE recovered", "downstream", "ce_loss_recovered", ".4f"),
-    ("CE recovered (mean abl.)", "downstream", "ce_loss_recovered_mean_ablation", ".4f"),
-    ("KL score", "downstream", "kl_score", ".4f"), ("delta LM loss", "downstream", "delta_lm_loss", ".4f"),
+    ("CE clean (SAEBench)", SAEBENCH, "ce_clean", ".4f"), ("CE SAE (SAEBench)", SAEBENCH, "ce_sae", ".4f"),
+    ("CE zero (SAEBench)", SAEBENCH, "ce_zero", ".4f"), ("CE mean (SAEBench)", SAEBENCH, "ce_mean", ".4f"),
+    ("CE recovered (SAEBench)", SAEBENCH, "ce_loss_recovered", ".4f"),
+    ("CE recovered, mean abl. (SAEBench)", SAEBENCH, "ce_loss_recovered_mean_ablation", ".4f"),
+    ("KL score (SAEBench)", SAEBENCH, "kl_score", ".4f"),
+    ("delta LM loss (SAEBench)", SAEBENCH, "delta_lm_loss", ".4f"),
+    ("CE recovered (special-masked)", MASKED, "ce_loss_recovered", ".4f"),
+    ("CE recovered, mean abl. (special-masked)", MASKED, "ce_loss_recovered_mean_ablation", ".4f"),
+    ("KL score (special-masked)", MASKED, "kl_score", ".4f"),
+    ("delta LM loss (special-masked)", MASKED, "delta_lm_loss", ".4f"),
 ]
 
 
+def column_value(card: dict, section: str | None, key: str):
+    """(value, [low, high] bootstrap interval or None) of one table cell."""
+    if section is None:
+        return (convention_of(card) if key == "convention" else card.get(key)), None
+    intervals = card.get("intervals", {})
+    if section == "core":
+        return card["core"].get(key), intervals.get("core", {}).get(key)
+    convention = section.split(":", 1)[1]
+    values = card.get("downstream_conventions", {}).get(convention)
+    if values is None and convention_of(card) == convention:
+        values = card.get("downstream", {})
+    ci = intervals.get("downstream_conventions", {}).get(convention, {}).get(key)
+    return (values or {}).get(key), ci
+
+
+def format_cell(value, spec: str) -> str:
+    if value is None:
+        return ""
+    if spec == "%":
+        return f"{100 * value:.2f}"
+    if spec == "s":
+        return str(value)
+    return format(value, spec)
+
+
 def table_rows(cards: list[dict], labels: list[str]) -> list[list[str]]:
+    """One row per card; numeric cells read 'value [low, high]' (95% bootstrap interval over contexts)."""
     rows = []
     for card, label in zip(cards, labels):
         row = []
         for _, section, key, spec in COLUMNS:
-            value = label if key == "label" else (card[section].get(key) if section else card.get(key))
-            if value is None:
-                row.append("")
-            elif spec == "%":
-                row.append(f"{100 * value:.2f}")
-            elif spec == "s":
-                row.append(str(value))
-            else:
-                row.append(format(value, spec))
+            value, ci = (label, None) if key == "label" else column_value(card, section, key)
+            text = format_cell(value, spec)
+            if text and ci and None not in ci:
+                text += f" [{format_cell(ci[0], spec)}, {format_cell(ci[1], spec)}]"
+            row.append(text)
         rows.append(row)
     return rows
+
+
+def csv_table(cards: list[dict], labels: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows for table.csv: each numeric column followed by its interval's '<column> low' and
+    '<column> high' columns (machine-readable)."""
+    headers = []
+    for header, section, _, spec in COLUMNS:
+        headers.append(header)
+        if section is not None:
+            headers += [f"{header} low", f"{header} high"]
+    rows = []
+    for card, label in zip(cards, labels):
+        row = []
+        for _, section, key, spec in COLUMNS:
+            value, ci = (label, None) if key == "label" else column_value(card, section, key)
+            row.append(format_cell(value, spec))
+            if section is not None:
+                ci = ci or [None, None]
+                row += [format_cell(ci[0], spec), format_cell(ci[1], spec)]
+        rows.append(row)
+    return headers, rows
 
 
 def labels_of(runs: list[Path]) -> list[str]:
@@ -146,10 +242,16 @@ def default_out(runs: list[Path]) -> Path:
     return Path(os.path.commonpath([Path(r).resolve().parent for r in runs])) / "comparison"
 
 
-NOTES = ("FVU is pooled (sum ||x - x_hat||^2 / sum ||x - mean||^2) on held-out tokens, special and outlier tokens "
-         "excluded. CE recovered = (CE_zero - CE_SAE) / (CE_zero - CE_clean) with zero-ablation (the mean-ablation "
-         "variant beside it), the same token mask in every pass; compare across layers with delta LM loss. Compare "
-         "variants at measured L0, not nominal k.")
+NOTES = ("FVU is pooled (sum ||x - x_hat||^2 / sum ||x - mean||^2) on held-out tokens, special tokens excluded; "
+         "'with outliers' counts the outlier-norm tokens training skips, 'without' does not. EV (SAEBench) and EV "
+         "(SAEBench legacy, per token) follow SAEBench's formulas (analysis/eval_core.py). The 'convention' column "
+         "says which token set the other core metrics use: saebench = every non-special token, special_masked = "
+         "training tokens. CE recovered = (CE_zero - CE_SAE) / (CE_zero - CE_clean) with zero-ablation (the "
+         "mean-ablation variant beside it); (SAEBench): SAE and ablations at every position, BOS included, "
+         "positions scored unless their input is special; (special-masked): SAE and ablations only at training "
+         "tokens, positions scored when input and target are regular. Compare across layers with delta LM loss, "
+         "variants at measured L0, not nominal k. Brackets: 95% bootstrap intervals over contexts (percentile, "
+         "fixed seed).")
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -168,7 +270,7 @@ def write_comparison(cards: list[dict], out: Path, labels: list[str] | None = No
     (out / "figures").mkdir(parents=True, exist_ok=True)
     headers = [c[0] for c in COLUMNS]
     rows = table_rows(cards, labels)
-    write_csv(out / "table.csv", headers, rows)
+    write_csv(out / "table.csv", *csv_table(cards, labels))
     md = markdown_table(headers, rows) + "\n\n" + NOTES + "\n"
     if stability:
         s_headers = ["run a", "run b", "mean matched |cos|", "fraction > threshold", "threshold", "matching"]
@@ -226,6 +328,12 @@ class EvalConfig:
     """Torch device for the model and SAEs."""
     budget_curve: bool = True
     """Also compute FVU and delta LM loss vs k (variants with an inference budget k)."""
+    convention: Literal["saebench", "special_masked"] = "saebench"
+    """Headline convention: 'saebench' (SAE and ablations at every position, BOS included; loss masked by input
+    token; outlier-norm tokens counted) or 'special_masked' (SAE and ablations only at training tokens). Both are
+    computed and tabulated; this one fills the card's top-level metrics."""
+    bootstrap: int = 1000
+    """Bootstrap replicates over contexts for the 95% intervals (fixed seed 0; 0 turns intervals off)."""
     stability: bool = True
     """Matched-latent stability (decoder |cosine|) of runs that differ only in seed."""
     wandb: str = "off"
@@ -238,6 +346,11 @@ class EvalConfig:
             raise ValueError(f"--max-contexts must be at least 1, got {self.max_contexts}.")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}.")
+        from analysis.eval_downstream import check_convention
+
+        check_convention(self.convention)
+        if self.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be 0 (no intervals) or more replicates, got {self.bootstrap}.")
 
 
 def expand_runs(runs: list[Path]) -> list[Path]:
@@ -272,7 +385,7 @@ def run_eval(cfg: EvalConfig, models: dict | None = None) -> list[dict]:
 
             models[name] = load_model(name, device=cfg.device)
         card = report_card(run, model=models[name], max_contexts=cfg.max_contexts, budget_curve=cfg.budget_curve,
-                           device=cfg.device)
+                           device=cfg.device, convention=cfg.convention, n_boot=cfg.bootstrap)
         print(format_report(card))
         cards.append(card)
     out = Path(cfg.out) if cfg.out else default_out(runs)
@@ -303,9 +416,11 @@ def stability_pairs(runs: list[Path], cards: list[dict], labels: list[str]) -> l
 
 
 def short_table(cards: list[dict], labels: list[str]) -> str:
-    """The few columns that fit a terminal."""
-    headers = ["run", "arch", "L0", "FVU", "dead %", "CE rec.", "KL score", "dLM loss"]
-    rows = [[label, c["architecture"], fmt(c["core"]["l0"], ".1f"), fmt(c["core"]["fvu"], ".4f"),
+    """The few columns that fit a terminal (downstream columns under each card's headline convention)."""
+    headers = ["run", "arch", "convention", "L0", "FVU (w/ outl.)", "FVU (w/o)", "dead %", "CE rec.", "KL score",
+               "dLM loss"]
+    rows = [[label, c["architecture"], convention_of(c), fmt(c["core"]["l0"], ".1f"),
+             fmt(c["core"].get("fvu_with_outliers"), ".4f"), fmt(c["core"].get("fvu_without_outliers"), ".4f"),
              fmt(100 * c["core"]["dead_frac"], ".1f"), fmt(c["downstream"]["ce_loss_recovered"], ".4f"),
              fmt(c["downstream"]["kl_score"], ".4f"), fmt(c["downstream"]["delta_lm_loss"], ".4f")]
             for c, label in zip(cards, labels)]

@@ -2,19 +2,39 @@
 
 CE_clean, CE_sae (reconstruction, no error term), CE_zero and CE_mean (zero- and mean-ablation of the hook), then
 CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), KL score = (KL_zero - KL_sae) / KL_zero with KL from
-the clean next-token distribution, and delta LM loss = CE_sae - CE_clean (comparable across layers).
+the clean next-token distribution, and delta LM loss = CE_sae - CE_clean (comparable across layers). The
+mean-ablation variants use CE_mean / KL_mean in place of the zero-ablated ones.
 
-One loss mask for every pass: position t is scored when neither token t (input) nor token t+1 (target) is special.
-The SAE and the ablations replace the hook only at non-special positions (the SAE never saw BOS/EOS in training), so
-every pass differs from the clean one only where the SAE would act.
+Where the SAE and the ablations act, and which positions are scored, is a convention; every result names its own:
+- `saebench` (default; SAEBench evals/core `get_recons_loss` with its defaults): the SAE reconstruction and the
+  ablations replace the hook at every position, BOS included; a position is scored unless its input token is
+  special (CE over the ctx - 1 predictions, KL over all ctx positions, the last one included).
+- `special_masked` (this workbench's earlier default): the SAE and the ablations act only at the tokens the SAE
+  trained on (not special, not outlier-norm), the same token set as the core metrics without outliers; a position
+  is scored when neither its input nor its target is special.
+Within one convention every pass is scored on the same mask. Sums are kept per context, so a bootstrap over the
+contexts gives every metric an interval (eval_core.intervals).
 """
 import torch
 from torch import Tensor
 
-from analysis.eval_core import MIN_EVAL_TOKENS, budget, inference_budget
+from analysis.eval_core import BOOT_SEED, MIN_EVAL_TOKENS, N_BOOT, budget, inference_budget, intervals
 from analysis.splice import check_hook, splice
 from saes.base import SAE
 from training.activation_store import ActivationCache
+
+CONVENTIONS = {
+    "saebench": "SAEBench: SAE and ablations at every position (BOS included); positions scored unless their input "
+                "token is special (KL also at the last position)",
+    "special_masked": "SAE and ablations only at training tokens (not special, not outlier-norm); positions scored "
+                      "when neither input nor target is special",
+}
+DEFAULT_CONVENTION = "saebench"
+
+
+def check_convention(name: str) -> None:
+    if name not in CONVENTIONS:
+        raise ValueError(f"Unknown evaluation convention {name!r}: use one of {', '.join(CONVENTIONS)}.")
 
 
 def eval_contexts(cache: ActivationCache, shards: list[int], max_contexts: int) -> tuple[Tensor, Tensor]:
@@ -28,15 +48,42 @@ def eval_contexts(cache: ActivationCache, shards: list[int], max_contexts: int) 
     return torch.cat(tokens)[:max_contexts], torch.cat(special)[:max_contexts]
 
 
+def context_outliers(cache: ActivationCache, hook: str, shards: list[int], max_contexts: int) -> Tensor:
+    """Outlier-norm flags [contexts, ctx] (not special, norm above the cache's factor x median) of the same
+    contexts as `eval_contexts`."""
+    flags = []
+    for index in shards:
+        special = cache.read(index, "special").reshape(-1).bool()
+        outlier = ~special & ~cache.keep_mask(index, hook)
+        flags.append(outlier.reshape(-1, cache.context_length))
+        if sum(len(f) for f in flags) >= max_contexts:
+            break
+    return torch.cat(flags)[:max_contexts]
+
+
 def loss_mask(special: Tensor) -> Tensor:
     """Positions t whose input t and target t+1 are both regular tokens: [contexts, ctx-1] bool."""
     return ~special[:, :-1] & ~special[:, 1:]
+
+
+def convention_masks(convention: str, special: Tensor, outlier: Tensor | None = None):
+    """(where the SAE and ablations act [b, ctx] bool, None = everywhere; CE mask [b, ctx-1]; KL mask [b, ctx])."""
+    check_convention(convention)
+    if convention == "saebench":
+        return None, ~special[:, :-1], ~special
+    outlier = torch.zeros_like(special) if outlier is None else outlier
+    ce = loss_mask(special)
+    return ~special & ~outlier, ce, torch.cat([ce, torch.zeros_like(ce[:, :1])], 1)
 
 
 def recovered(clean: float, spliced: float, ablated: float) -> float:
     """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean); NaN when the ablation does not change the loss."""
     gap = ablated - clean
     return (ablated - spliced) / gap if abs(gap) > 1e-12 else float("nan")
+
+
+def ratio(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den.abs() > 1e-12, num / den, torch.full_like(num, float("nan")))
 
 
 def check_contexts(model, tokens: Tensor, special: Tensor) -> Tensor:
@@ -57,65 +104,112 @@ def check_contexts(model, tokens: Tensor, special: Tensor) -> Tensor:
     return mask
 
 
-def pass_scores(logits: Tensor, targets: Tensor, mask: Tensor, clean_logp: Tensor | None):
-    """Summed next-token NLL and KL(clean || this pass) over the masked positions, and this pass's log-probs."""
-    logp = logits[:, :-1].float().log_softmax(-1)  # [batch, ctx-1, vocab]
-    nll = -logp.gather(-1, targets[..., None])[..., 0]  # [batch, ctx-1]
-    ce_sum = nll[mask].double().sum().item()
+def pass_scores(logits: Tensor, targets: Tensor, ce_mask: Tensor, kl_mask: Tensor, clean_logp: Tensor | None):
+    """Per context: summed next-token NLL over ce_mask [b, ctx-1] and summed KL(clean || this pass) over kl_mask
+    [b, ctx], each [b] float64; and this pass's log-probs [b, ctx, vocab]."""
+    logp = logits.float().log_softmax(-1)  # [b, ctx, vocab]
+    nll = -logp[:, :-1].gather(-1, targets[..., None])[..., 0]  # [b, ctx-1]
+    ce = (nll.double() * ce_mask).sum(-1)
     if clean_logp is None:
-        return ce_sum, 0.0, logp
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)  # [batch, ctx-1]
-    return ce_sum, kl[mask].double().sum().item(), logp
+        return ce, torch.zeros_like(ce), logp
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)  # [b, ctx]
+    return ce, (kl.double() * kl_mask).sum(-1), logp
+
+
+def summarise(w: Tensor, ce: dict, kl: dict, n_ce: Tensor, n_kl: Tensor) -> dict[str, Tensor]:
+    """Metrics of one convention for context weights w [b, n_contexts]: {name: [b]}. ce, kl: {pass: [contexts]}
+    per-context sums; n_ce, n_kl: [contexts] scored positions."""
+    w = w.double()
+    CE = {p: (w @ v) / (w @ n_ce) for p, v in ce.items()}
+    KL = {p: (w @ v) / (w @ n_kl) for p, v in kl.items() if p != "clean"}
+    out = {f"ce_{p}": v for p, v in CE.items()} | {f"kl_{p}": v for p, v in KL.items()}
+    out["ce_loss_recovered"] = ratio(CE["zero"] - CE["sae"], CE["zero"] - CE["clean"])
+    out["kl_score"] = ratio(KL["zero"] - KL["sae"], KL["zero"])
+    out["delta_lm_loss"] = CE["sae"] - CE["clean"]
+    if "mean" in CE:
+        out["ce_loss_recovered_mean_ablation"] = ratio(CE["mean"] - CE["sae"], CE["mean"] - CE["clean"])
+        out["kl_score_mean_ablation"] = ratio(KL["mean"] - KL["sae"], KL["mean"])
+    return out
+
+
+def budget_summary(w: Tensor, ce_k: Tensor, kl_k: Tensor, ce: dict, n_ce: Tensor, n_kl: Tensor) -> dict:
+    w = w.double()
+    clean, zero, sae = (w @ ce["clean"]) / (w @ n_ce), (w @ ce["zero"]) / (w @ n_ce), (w @ ce_k) / (w @ n_ce)
+    return {"ce_sae": sae, "delta_lm_loss": sae - clean, "kl_sae": (w @ kl_k) / (w @ n_kl),
+            "ce_loss_recovered": ratio(zero - sae, zero - clean)}
+
+
+def point(fn, n: int) -> dict:
+    return {name: value.item() for name, value in fn(torch.ones(1, n, dtype=torch.float64)).items()}
 
 
 @torch.no_grad()
 def downstream(model, sae: SAE, hook: str, tokens: Tensor, special: Tensor, mean: Tensor | None = None,
-               ks: list[int] | None = None, batch_size: int = 8, sae_mode: str = "sae") -> dict:
-    """CE loss clean / SAE / zero- and (with `mean`) mean-ablated, CE loss recovered, KL score and delta LM loss;
-    with `ks`, the SAE pass again at each budget. tokens, special: [contexts, ctx].
+               ks: list[int] | None = None, batch_size: int = 8, sae_mode: str = "sae", *,
+               outlier: Tensor | None = None, conventions: tuple[str, ...] = ("saebench", "special_masked"),
+               n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """CE loss clean / SAE / zero- and (with `mean`) mean-ablated, CE loss recovered, KL score and delta LM loss
+    under each convention (the first is the headline: its metrics are also top-level keys); with `ks`, the SAE
+    pass again at each budget (first convention). tokens, special, outlier: [contexts, ctx].
     `sae_mode` is the splice of the "SAE" pass: 'sae' (the metric) or a control ('sae_with_error', 'zero')."""
     check_hook(model, hook)
-    mask = check_contexts(model, tokens, special)
-    n_tokens = int(mask.sum())
+    check_contexts(model, tokens, special)
+    for name in conventions:
+        check_convention(name)
+    outlier = torch.zeros_like(special) if outlier is None else outlier.bool()
+    n_ctx = len(tokens)
     device = next(model.parameters()).device
-    passes = {"clean": ("clean", None), "sae": (sae_mode, mean), "zero": ("zero", None)}
-    if mean is not None:
-        passes["mean"] = ("mean", mean)
-    ce = dict.fromkeys(passes, 0.0)
-    kl = dict.fromkeys(passes, 0.0)
+    modes = {"sae": sae_mode, "zero": "zero"} | ({"mean": "mean"} if mean is not None else {})
+    ce = {c: {p: torch.zeros(n_ctx, dtype=torch.float64) for p in ["clean", *modes]} for c in conventions}
+    kl = {c: {p: torch.zeros(n_ctx, dtype=torch.float64) for p in ["clean", *modes]} for c in conventions}
+    n_ce = {c: torch.zeros(n_ctx, dtype=torch.float64) for c in conventions}
+    n_kl = {c: torch.zeros(n_ctx, dtype=torch.float64) for c in conventions}
+    head = conventions[0]
     # the SAE pass already is the pass at the SAE's own budget: reuse it rather than run the model again
     same_k = inference_budget(sae) if ks and sae_mode == "sae" else None
-    k_ce, k_kl = dict.fromkeys([k for k in ks or [] if k != same_k], 0.0), dict.fromkeys(ks or [], 0.0)
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start:start + batch_size].to(device)  # [batch, ctx]
-        m = mask[start:start + batch_size].to(device)  # [batch, ctx-1]: the same mask in every pass
-        positions = ~special[start:start + batch_size].to(device)
+    k_ce = {k: torch.zeros(n_ctx, dtype=torch.float64) for k in ks or []}
+    k_kl = {k: torch.zeros(n_ctx, dtype=torch.float64) for k in ks or []}
+    for start in range(0, n_ctx, batch_size):
+        rows = slice(start, start + batch_size)
+        batch = tokens[rows].to(device)  # [b, ctx]
+        targets = batch[:, 1:]
+        masks = {c: [m if m is None else m.to(device) for m in convention_masks(c, special[rows], outlier[rows])]
+                 for c in conventions}
+        logits = model(batch)
         clean_logp = None
-        for name, (mode, pass_mean) in passes.items():
-            with splice(model, hook, mode, sae, mean=pass_mean, positions=positions):
-                c, k, logp = pass_scores(model(batch), batch[:, 1:], m, clean_logp)
-            clean_logp = logp if name == "clean" else clean_logp
-            ce[name] += c
-            kl[name] += k
+        for c in conventions:
+            positions, ce_mask, kl_mask = masks[c]
+            c_ce, _, clean_logp = pass_scores(logits, targets, ce_mask, kl_mask, None)
+            ce[c]["clean"][rows] = c_ce.cpu()
+            n_ce[c][rows], n_kl[c][rows] = ce_mask.sum(-1).double().cpu(), kl_mask.sum(-1).double().cpu()
+        del logits
+        for c in conventions:
+            positions, ce_mask, kl_mask = masks[c]
+            for name, mode in modes.items():
+                with splice(model, hook, mode, sae, mean=mean if name == "mean" else None, positions=positions):
+                    c_ce, c_kl, _ = pass_scores(model(batch), targets, ce_mask, kl_mask, clean_logp)
+                ce[c][name][rows], kl[c][name][rows] = c_ce.cpu(), c_kl.cpu()
+        positions, ce_mask, kl_mask = masks[head]
         for k_value in k_ce:
+            if k_value == same_k:
+                continue
             with budget(sae, k_value) as view, splice(model, hook, "sae", view, positions=positions):
-                c, k, _ = pass_scores(model(batch), batch[:, 1:], m, clean_logp)
-            k_ce[k_value] += c
-            k_kl[k_value] += k
-    if same_k in (ks or []):
-        k_ce[same_k], k_kl[same_k] = ce["sae"], kl["sae"]
-    ce = {name: value / n_tokens for name, value in ce.items()}
-    kl = {name: value / n_tokens for name, value in kl.items()}
-    result = {"tokens": n_tokens, "contexts": len(tokens),
-              **{f"ce_{name}": value for name, value in ce.items()},
-              **{f"kl_{name}": value for name, value in kl.items() if name != "clean"},
-              "ce_loss_recovered": recovered(ce["clean"], ce["sae"], ce["zero"]),
-              "kl_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
-              "delta_lm_loss": ce["sae"] - ce["clean"]}
-    if "mean" in ce:
-        result["ce_loss_recovered_mean_ablation"] = recovered(ce["clean"], ce["sae"], ce["mean"])
-    result["budget"] = {k: {"ce_sae": k_ce[k] / n_tokens, "delta_lm_loss": k_ce[k] / n_tokens - ce["clean"],
-                            "kl_sae": k_kl[k] / n_tokens,
-                            "ce_loss_recovered": recovered(ce["clean"], k_ce[k] / n_tokens, ce["zero"])}
-                        for k in ks or []}
+                c_ce, c_kl, _ = pass_scores(model(batch), targets, ce_mask, kl_mask, clean_logp)
+            k_ce[k_value][rows], k_kl[k_value][rows] = c_ce.cpu(), c_kl.cpu()
+    if same_k in k_ce:
+        k_ce[same_k], k_kl[same_k] = ce[head]["sae"], kl[head]["sae"]
+
+    def fn_of(c):
+        return lambda w: summarise(w, ce[c], kl[c], n_ce[c], n_kl[c])
+
+    by_convention = {c: point(fn_of(c), n_ctx) | {"scored_positions": int(n_ce[c].sum())} for c in conventions}
+    result = {"convention": head, "tokens": int(n_ce[head].sum()), "contexts": n_ctx, **by_convention[head],
+              "conventions": by_convention,
+              "intervals": {c: intervals(fn_of(c), n_ctx, n_boot, seed) for c in conventions}}
+
+    def k_fn(k):
+        return lambda w: budget_summary(w, k_ce[k], k_kl[k], ce[head], n_ce[head], n_kl[head])
+
+    result["budget"] = {k: point(k_fn(k), n_ctx) for k in ks or []}
+    result["budget_intervals"] = {k: intervals(k_fn(k), n_ctx, n_boot, seed) for k in ks or []}
     return result

@@ -6,7 +6,10 @@ spliced in, a budget curve for variants with an inference budget k, and plotly f
 
 The evaluation set is the run's held-out shards (config.json `holdout_shards`, split as training.run.split_shards
 splits them) of the cache recorded in summary.json; the downstream passes use the first `max_contexts` of their
-contexts. Definitions: analysis/eval_core.py (core, budgets), analysis/eval_downstream.py (CE / KL),
+contexts. The card names its convention (card["eval"]["convention"], default SAEBench's: the SAE and the ablations
+at every position, outlier-norm tokens counted; eval_downstream.CONVENTIONS), holds the downstream metrics of
+both conventions, both FVUs, and a 95% bootstrap interval over contexts for every metric (card["intervals"],
+budget rows' "ci"); §10.5. Definitions: analysis/eval_core.py (core, budgets), analysis/eval_downstream.py (CE / KL),
 analysis/eval_synthetic.py (planted recovery, stability across seeds); comparisons: analysis/eval_compare.py.
 """
 import json
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from analysis.eval_core import (MIN_EVAL_TOKENS, budget, budget_ks, core_metrics, eval_activations, eval_shards,
-                                fvu, supports_budget, trained_budget)
-from analysis.eval_downstream import check_contexts, downstream, eval_contexts, loss_mask, recovered
+from analysis.eval_core import (BOOT_SEED, LEVEL, MIN_EVAL_TOKENS, N_BOOT, budget, budget_ks, core_metrics,
+                                eval_activations, eval_shards, eval_tokens, fvu, supports_budget, trained_budget)
+from analysis.eval_downstream import (CONVENTIONS, DEFAULT_CONVENTION, check_contexts, check_convention,
+                                      context_outliers, downstream, eval_contexts, loss_mask, recovered)
 from analysis.eval_synthetic import (matched_cosines, planted_benchmark, planted_recovery, run_stability,
                                      stability)
 from saes import load_sae
@@ -115,10 +119,21 @@ def clean(value):
     return value
 
 
+CORE_TOKENS = {True: "every non-special token, outlier-norm tokens included",
+               False: "the tokens the SAE trained on (not special, not outlier-norm)"}
+
+
 @torch.no_grad()
 def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budget_curve: bool = True,
-                write: bool = True, device: str = "cpu") -> dict:
-    """Evaluate the SAE of a run folder; writes run_dir/eval/metrics.json and run_dir/eval/figures/*.json."""
+                write: bool = True, device: str = "cpu", convention: str = DEFAULT_CONVENTION,
+                n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """Evaluate the SAE of a run folder; writes run_dir/eval/metrics.json and run_dir/eval/figures/*.json.
+
+    `convention` (eval_downstream.CONVENTIONS) is the headline: 'saebench' splices at every position and counts
+    outlier-norm tokens in the core metrics, 'special_masked' keeps both to the training tokens. The downstream
+    metrics of every convention are in card["downstream_conventions"], both FVUs in card["core"], and a bootstrap
+    interval over contexts (n_boot replicates, fixed seed) of every metric in card["intervals"] and budget rows."""
+    check_convention(convention)
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     if max_contexts < 1:
@@ -136,15 +151,23 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
     check_contexts(model, tokens, special)
     check_model(model, sae, hook, tokens)
     ks = budget_ks(sae) if budget_curve and supports_budget(sae) else []
-    core = core_metrics(sae, eval_activations(cache, hook, shards), ks)
-    down = downstream(model, sae, hook, tokens, special, mean=core["mean"].to(sae.W_dec.device), ks=ks)
+    with_outliers = convention == "saebench"  # SAEBench has no outlier rule: its SAE acts on every token
+    core = core_metrics(sae, lambda: eval_tokens(cache, hook, shards), ks, outliers=with_outliers, n_boot=n_boot,
+                        seed=seed)
+    conventions = (convention, *[c for c in CONVENTIONS if c != convention])
+    down = downstream(model, sae, hook, tokens, special, mean=core["mean"].to(sae.W_dec.device), ks=ks,
+                      outlier=context_outliers(cache, hook, shards, max_contexts), conventions=conventions,
+                      n_boot=n_boot, seed=seed)
     budget_rows = [{"k": k, "l0": core["budget"][k]["l0"], "fvu": core["budget"][k]["fvu"],
-                    "above_trained_k": k > trained_budget(sae), **down["budget"][k]} for k in ks]
+                    "above_trained_k": k > trained_budget(sae), **down["budget"][k],
+                    "ci": {"l0": core["budget_intervals"][k].get("l0"), "fvu": core["budget_intervals"][k].get("fvu"),
+                           **down["budget_intervals"][k]}} for k in ks]
     density = core["density"]
     alive = density[density > 0]
     low = math.floor(math.log10(1 / max(core["metrics"]["tokens"], 1)))
     l0_counts = core["l0_counts"]
     top = int(torch.nonzero(l0_counts).max()) if bool(l0_counts.any()) else 0
+    scalar = (int, float, type(None))
     card = {
         "run": str(run_dir), "name": run_dir.name, "architecture": sae.architecture, "hook": hook,
         "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "signed": sae.signed,
@@ -152,15 +175,27 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
         "model": model_name(run_dir, sae), "train_tokens": summary.get("train_tokens"),
         "eval": {"cache": str(cache.path), "shards": shards,
                  "split": "held-out shards" if held_out else "training data (single-shard cache)",
-                 "tokens": core["metrics"]["tokens"], "contexts": down["contexts"], "scored_positions": down["tokens"],
-                 "excluded": "special and outlier-norm tokens (core); positions whose input or target is special "
-                             "(downstream, same mask in every pass)",
-                 "splice": "SAE reconstruction without error term at non-special positions",
-                 "ablations": "zero (CE loss recovered) and mean over eval tokens (ce_loss_recovered_mean_ablation)",
+                 "tokens": core["metrics"]["tokens"], "outlier_tokens": core["metrics"]["outlier_tokens"],
+                 "contexts": down["contexts"], "core_contexts": core["accumulator"].n_contexts,
+                 "scored_positions": down["tokens"],
+                 "convention": convention, "convention_description": CONVENTIONS[convention],
+                 "conventions": {c: CONVENTIONS[c] for c in conventions},
+                 "core_tokens": CORE_TOKENS[with_outliers] + " (fvu_with_outliers / fvu_without_outliers: both sets)",
+                 "splice": "SAE reconstruction without error term",
+                 "ablations": "zero (CE loss recovered, KL score) and the mean of the core tokens "
+                              "(*_mean_ablation)",
+                 "explained_variance": "explained_variance = 1 - pooled FVU; explained_variance_saebench and "
+                                       "explained_variance_saebench_legacy follow SAEBench's two formulas",
                  "shrinkage": "gamma = E||x_hat||^2 / E<x, x_hat> (relative reconstruction bias; < 1 is shrinkage); "
-                              "norm_ratio = mean ||x_hat|| / ||x||"},
+                              "norm_ratio = mean ||x_hat|| / ||x||",
+                 "bootstrap": {"unit": "context", "replicates": n_boot, "seed": seed, "level": LEVEL,
+                               "interval": "percentile"}},
         "core": core["metrics"],
-        "downstream": {k: v for k, v in down.items() if k not in ("budget", "tokens", "contexts")},
+        "downstream": {k: v for k, v in down.items() if isinstance(v, scalar) and k not in ("tokens", "contexts")}
+        | {"convention": convention},
+        "downstream_conventions": down["conventions"],
+        "intervals": {"core": core["intervals"], "downstream": down["intervals"][convention],
+                      "downstream_conventions": down["intervals"]},
         "budget": budget_rows,
         "histograms": {
             "l0": {"values": list(range(top + 1)), "counts": [int(c) for c in l0_counts[:top + 1].tolist()]},
@@ -188,27 +223,52 @@ def fmt(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def fmt_ci(value, ci, spec: str = ".4f", scale: float = 1.0) -> str:
+    """'value [low, high]' (the bootstrap interval), or just the value when there is none."""
+    if value is None:
+        return "n/a"
+    text = format(scale * value, spec)
+    if ci and None not in ci:
+        text += f" [{format(scale * ci[0], spec)}, {format(scale * ci[1], spec)}]"
+    return text
+
+
 def format_report(card: dict) -> str:
-    """A few human-readable lines of a report card."""
+    """A few human-readable lines of a report card (95% bootstrap intervals over contexts in brackets)."""
     c, d, e = card["core"], card["downstream"], card["eval"]
+    ci = card.get("intervals", {})
+    cc, dc = ci.get("core", {}), ci.get("downstream", {})
+    convention = e.get("convention", "special_masked")
     lines = [
         f"{card['name']}: {card['architecture']} at {card['hook']} (d_sae {card['d_sae']}"
-        + (f", k {card['k']}" if card.get("k") else "") + f"), {e['tokens']} tokens on {e['split']}",
-        f"  FVU {fmt(c['fvu'])}  cosine {fmt(c['cosine'])}  MSE {fmt(c['mse'], '.4g')}  L0 {fmt(c['l0'], '.2f')}  "
-        f"L1 {fmt(c['l1'], '.3g')}",
-        f"  dead {fmt(100 * c['dead_frac'], '.1f')}%  dense >1% {fmt(100 * c['dense_frac_1pct'], '.1f')}%  "
-        f">10% {fmt(100 * c['dense_frac_10pct'], '.1f')}%  shrinkage gamma {fmt(c['shrinkage_gamma'], '.3f')}",
+        + (f", k {card['k']}" if card.get("k") else "") + f"), {e['tokens']} tokens on {e['split']}"
+        + (f" ({e['outlier_tokens']} outlier-norm)" if e.get("outlier_tokens") is not None else ""),
+        f"  convention {convention}: {e.get('convention_description', '')}",
+        f"  FVU {fmt_ci(c.get('fvu_with_outliers', c['fvu']), cc.get('fvu_with_outliers'))} with outliers, "
+        f"{fmt_ci(c.get('fvu_without_outliers', c['fvu']), cc.get('fvu_without_outliers'))} without",
+        f"  explained variance {fmt_ci(c.get('explained_variance'), cc.get('explained_variance'))}  SAEBench "
+        f"{fmt_ci(c.get('explained_variance_saebench'), cc.get('explained_variance_saebench'))}  SAEBench legacy "
+        f"{fmt_ci(c.get('explained_variance_saebench_legacy'), cc.get('explained_variance_saebench_legacy'))}",
+        f"  cosine {fmt_ci(c['cosine'], cc.get('cosine'))}  MSE {fmt_ci(c['mse'], cc.get('mse'), '.4g')}  "
+        f"L0 {fmt_ci(c['l0'], cc.get('l0'), '.2f')}  L1 {fmt_ci(c['l1'], cc.get('l1'), '.3g')}",
+        f"  dead {fmt_ci(c['dead_frac'], cc.get('dead_frac'), '.1f', 100)}%  dense >1% "
+        f"{fmt_ci(c['dense_frac_1pct'], cc.get('dense_frac_1pct'), '.1f', 100)}%  >10% "
+        f"{fmt_ci(c['dense_frac_10pct'], cc.get('dense_frac_10pct'), '.1f', 100)}%  shrinkage gamma "
+        f"{fmt_ci(c['shrinkage_gamma'], cc.get('shrinkage_gamma'), '.3f')}",
         f"  CE clean {fmt(d['ce_clean'])}  SAE {fmt(d['ce_sae'])}  zero-abl {fmt(d['ce_zero'])}  "
         f"mean-abl {fmt(d.get('ce_mean'))}  ({e['scored_positions']} positions, {e['contexts']} contexts)",
-        f"  CE loss recovered {fmt(d['ce_loss_recovered'])}  KL score {fmt(d['kl_score'])}  "
-        f"delta LM loss {fmt(d['delta_lm_loss'])}",
     ]
+    for name, values in card.get("downstream_conventions", {convention: d}).items():
+        vci = ci.get("downstream_conventions", {}).get(name, dc if name == convention else {})
+        lines.append(f"  [{name}] CE loss recovered {fmt_ci(values['ce_loss_recovered'], vci.get('ce_loss_recovered'))}"
+                     f"  KL score {fmt_ci(values['kl_score'], vci.get('kl_score'))}  "
+                     f"delta LM loss {fmt_ci(values['delta_lm_loss'], vci.get('delta_lm_loss'))}")
     if card.get("budget"):
         lines.append("  budget: " + ", ".join(f"k={r['k']}: L0 {fmt(r['l0'], '.1f')} FVU {fmt(r['fvu'], '.3f')} "
                                               f"dLM {fmt(r['delta_lm_loss'], '.3f')}" for r in card["budget"]))
     return "\n".join(lines)
 
 
-__all__ = ["MIN_EVAL_TOKENS", "budget", "budget_ks", "core_metrics", "downstream", "eval_activations",
-           "eval_contexts", "format_report", "fvu", "loss_mask", "matched_cosines", "planted_benchmark",
+__all__ = ["CONVENTIONS", "MIN_EVAL_TOKENS", "budget", "budget_ks", "core_metrics", "downstream", "eval_activations",
+           "eval_contexts", "eval_tokens", "format_report", "fvu", "loss_mask", "matched_cosines", "planted_benchmark",
            "planted_recovery", "recovered", "report_card", "run_stability", "stability", "supports_budget"]

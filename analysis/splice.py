@@ -10,7 +10,9 @@ Modes of `splice`, a context manager that installs one forward hook through `mod
 
 `edit(codes) -> codes` ([batch, pos, d_sae], any dtype the SAE gives) changes latents between encode and decode;
 steering and circuit code can pass one. `positions` [batch, pos] bool restricts every mode to those positions
-(elsewhere h is kept): the evals splice only at non-special positions, since the SAE never saw BOS/EOS in training.
+(elsewhere h is kept). The evals' SAEBench convention passes none (every position, BOS included, as SAEBench
+does); their special-masked convention passes the training tokens, since the SAE never saw BOS/EOS or outlier-norm
+tokens in training (eval_downstream.CONVENTIONS).
 Activations with trailing head dimensions (e.g. attn.hook_z [batch, pos, heads, d_head]) are flattened to the SAE's
 d_in and reshaped back.
 """
