@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from saes import build_sae, calibrate_thresholds, load_sae, ops, save_sae
+from saes import build_sae, calibrate_thresholds, load_sae, save_sae
 from saes.choice import feature_capacities, feature_choice_codes
 from training.synthetic import make_planted, mean_best_cosine
 from training.trainer import LoopConfig, train_sae

@@ -2,14 +2,11 @@
 W&B offline run, JSONL metrics."""
 import dataclasses
 import json
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import training.trainer as trainer_module
 from saes import build_sae, load_sae
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.run import TrainConfig, train

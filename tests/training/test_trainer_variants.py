@@ -2,7 +2,6 @@
 AuxK and k-annealing active; the inference budget of every batch-dependent variant; the trainer's dead-latent
 counter, Adam betas, RNG restore, Feature Choice's k-annealed capacities and firing-rate EMA, all against
 references recomputed here."""
-import dataclasses
 
 import pytest
 import torch
