@@ -284,7 +284,8 @@ def test_the_circuit_is_scored_on_held_out_prompts(tiny_model, tiny_saes):
     assert graph["evaluation"]["m_full"] == pytest.approx(held_out, abs=1e-4)
     assert graph["evaluation_in_sample"]["m_full"] == pytest.approx(seen, abs=1e-4)
     assert graph["evaluation"]["n_prompts"] == len(evaluation) == graph["split"]["evaluation"]
-    assert all(row["n_prompts"] == len(evaluation) for row in graph["curve"])
+    assert all(row["n_prompts"] == len(evaluation) and row["m_full"] == graph["evaluation"]["m_full"]
+               for row in graph["curve"])
     assert "corrupted" in graph["conventions"]["ablation"] and "per hook" in graph["conventions"]["error_nodes"]
     assert [n["id"] for n in graph["nodes"] if n["kind"] == "error"] == [f"{h}/err" for h in HOOKS]
 
