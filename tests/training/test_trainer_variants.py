@@ -37,12 +37,17 @@ def final_state(run_dir) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_every_architecture_resumes_bit_identically(architecture, tiny_model, grad_cache_cfg, tmp_path, monkeypatch):
+RESUME_CASES = [pytest.param(name, {}, id=name) for name in sorted(ARCHITECTURES)] + [
+    pytest.param("feature_choice", {"aux_zipf": "true", "capacity": "zipf"}, id="feature_choice-aux_zipf")]
+
+
+@pytest.mark.parametrize("architecture, options", RESUME_CASES)
+def test_every_architecture_resumes_bit_identically(architecture, options, tiny_model, grad_cache_cfg, tmp_path,
+                                                    monkeypatch):
     def cfg(name):
         return job(grad_cache_cfg, tmp_path / name, architectures=[architecture], epochs=1, loop=RESUME_LOOP,
                    expansion=16, k=[2],  # 1024 latents, 2 per token: hundreds are dead by the interruption
-                   sae_options={"sparsity_coef": "0.01", "l1_coef": "0.01"})
+                   sae_options={"sparsity_coef": "0.01", "l1_coef": "0.01", **options})
 
     full = cfg("full")
     train(full, model=tiny_model, progress=False)
