@@ -1,4 +1,4 @@
-"""Sparse feature circuits (Marks et al. 2024; algorithms.md §10.2) with SAEs at one or more hooks.
+"""Sparse feature circuits (Marks et al. 2024; docs/methods.md §10.2) with SAEs at one or more hooks.
 
 Nodes: the latents of each SAE, summed over positions, and the SAE error eps = h - x_hat, so h = decode(z) + eps
 exactly and splicing changes nothing. Error nodes follow SFC's code (`aggregation="sum"`): one per hook, its effect

@@ -1,4 +1,4 @@
-"""Task datasets for circuit discovery (algorithms.md §10.1-10.2), built by code for a model's tokenizer.
+"""Task datasets for circuit discovery (docs/methods.md §10.1-10.2), built by code for a model's tokenizer.
 
 Three tasks, each a batch of clean prompts, their minimally corrupted ("patch") counterparts of the same token length,
 and per prompt the answer tokens with weights, so the metric is one formula for every task:

@@ -1,4 +1,4 @@
-"""Head-level circuit discovery (O'Neill & Bui 2024; algorithms.md §10.1) against an offline ground truth.
+"""Head-level circuit discovery (O'Neill & Bui 2024; docs/methods.md §10.1) against an offline ground truth.
 
 GPT-2's published IOI heads cannot be loaded here, so the ground truth is built on the model itself: exact
 activation patching of every head (`analysis.circuit_heads.head_patching_effects`) on IOI prompts, clean vs ABC

@@ -12,7 +12,7 @@ Per variant: held-out FVU (pooled), measured L0 of inference-mode codes (`encode
 variants), dead % (latents that never fire on the held-out tokens), planted recovery (mean best |cos| of the
 planted directions with decoder rows, and the fraction above 0.9; synthetic only) and training tokens/s (SAE steps
 only: forward, backward, optimiser, step hooks; data loading excluded). Compare variants at their measured L0, not
-their nominal k (algorithms.md Appendix D, item 14).
+their nominal k (docs/methods.md Appendix D, item 14).
 
     python -m bench.variants                       # tiny model + synthetic, about 1-2 minutes on 2 cores
     python -m bench.variants --model smollm2 --model-steps 300
@@ -278,7 +278,7 @@ def markdown(report: dict) -> str:
         "L0: mean non-zero codes per token in inference mode (`encode`; thresholds for batch-dependent variants). "
         "Dead %: latents that never fired on the held-out tokens. tok/s: SAE training steps only (data loading "
         "excluded), batches in the same order for every variant.",
-        "- Compare variants at their **measured L0**, not the nominal k (algorithms.md Appendix D, item 14): "
+        "- Compare variants at their **measured L0**, not the nominal k (docs/methods.md Appendix D, item 14): "
         "JumpReLU and ReLU+L1 have no k (their L0 follows the sparsity coefficient); BatchTopK, Mutual/Feature "
         "Choice and batch-mode AbsTopK infer with thresholds, so their L0 only approximates k; MP may stop early. "
         "Mutual Choice is BatchTopK under another name (identical rows expected).",

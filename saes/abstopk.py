@@ -1,4 +1,4 @@
-"""AbsTopK SAE (Zhu, Khalili, Zhu 2025, arXiv 2510.00404), algorithms.md §4.
+"""AbsTopK SAE (Zhu, Khalili, Zhu 2025, arXiv 2510.00404), docs/methods.md §4.
 
 The k latents of largest |u| keep their signed value (no ReLU): the hard-thresholding proximal step of
 k-sparse coding without a sign constraint, so one latent can carry both poles of a bidirectional concept.

@@ -1,6 +1,6 @@
-"""The contract every SAE variant honours (architecture.md "The SAE contract"; algorithms.md Appendix A).
+"""The contract every SAE variant honours (architecture.md "The SAE contract"; docs/methods.md Appendix A).
 
-Storage convention (algorithms.md §0.3): one row per latent, `W_enc [d_sae, d_in]`, `W_dec [d_sae, d_in]`.
+Storage convention (docs/methods.md §0.3): one row per latent, `W_enc [d_sae, d_in]`, `W_dec [d_sae, d_in]`.
 Input normalisation (§1.1, `dataset_scalar`): the SAE trains on `input_scale * x`; `fold_input_scale` moves the
 scalar into the weights so an exported SAE runs on raw activations with identical codes.
 A variant supplies `select` (pre-activations -> codes) and optionally `aux_losses`; the rest is shared here.
@@ -29,7 +29,7 @@ class SAEConfig:
     model_name: str = ""
     """Model the activations came from."""
     input_scale: float = 1.0
-    """Dataset scalar s of algorithms.md §1.1: the SAE works on s*x. 1.0 once folded."""
+    """Dataset scalar s of docs/methods.md §1.1: the SAE works on s*x. 1.0 once folded."""
     aux_k: int | None = None
     """Dead latents used by AuxK (§1.5); None means d_in // 2, 0 disables AuxK."""
     aux_coef: float = 1 / 32

@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv 2412.06410), algorithms.md §3.1.
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv 2412.06410), docs/methods.md §3.1.
 
 Training keeps the k*batch largest activations of the whole batch, so the mean L0 is exactly k while each token
 gets as many latents as it needs. That rule depends on the other tokens, so inference uses a single threshold θ

@@ -1,4 +1,4 @@
-"""Mutual Choice and Feature Choice SAEs (Ayonrinde 2024, arXiv 2411.02124; no released code), algorithms.md §6.
+"""Mutual Choice and Feature Choice SAEs (Ayonrinde 2024, arXiv 2411.02124; no released code), docs/methods.md §6.
 
 Both treat sparsity as a budget of k*batch token-latent matches per batch rather than k per token.
 * Mutual Choice (§6.1) constrains only the total: keep the k*batch largest activations of the batch. That is BatchTopK

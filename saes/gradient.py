@@ -1,4 +1,4 @@
-"""g-SAE: TopK whose training-time selection is informed by the downstream gradient (algorithms.md §8).
+"""g-SAE: TopK whose training-time selection is informed by the downstream gradient (docs/methods.md §8).
 
 Olmo, Wilson, Forsey, Hepner, Howe, Wingate 2025, "Features that Make a Difference: Leveraging Gradients for
 Improved Dictionary Learning", arXiv 2411.10397 (Findings of NAACL 2025; no code released). In training each token

@@ -1,4 +1,4 @@
-"""HierarchicalTopK SAE (Balagansky et al. 2025, arXiv 2505.24473; code corl-team/flexsae), algorithms.md §5.
+"""HierarchicalTopK SAE (Balagansky et al. 2025, arXiv 2505.24473; code corl-team/flexsae), docs/methods.md §5.
 
 One SAE trained across a set of budgets J ⊆ {1..K}: each token's top-K activations are sorted in descending order and
 the loss averages the reconstruction error of every prefix j ∈ J. The prefix of length k is exactly the top-k set, so

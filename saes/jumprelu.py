@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435), algorithms.md §3.2.
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435), docs/methods.md §3.2.
 
 z_i = u_i * H(u_i - θ_i) with a learned per-latent threshold θ = exp(t) (log-parameterised so it stays > 0,
 as SAELens and BatchTopK's repo do). The step has no useful derivative, so θ learns through straight-through

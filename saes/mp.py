@@ -1,4 +1,4 @@
-"""MP-SAE: an unrolled matching-pursuit encoder over a tied, unit-norm dictionary (algorithms.md §7).
+"""MP-SAE: an unrolled matching-pursuit encoder over a tied, unit-norm dictionary (docs/methods.md §7).
 
 Costa, Fel, Lubana, Tolooshams, Ba 2025, "From Flat to Hierarchical: Extracting Sparse Representations with
 Matching Pursuit", arXiv 2506.03093. Each step picks the atom most correlated with the residual, adds that

@@ -1,4 +1,4 @@
-"""Pure tensor functions shared by the SAE variants (algorithms.md §1, §2).
+"""Pure tensor functions shared by the SAE variants (docs/methods.md §1, §2).
 
 Shapes: `batch` tokens, `d_in` input width, `d_sae` latents, `k` active latents per token.
 """

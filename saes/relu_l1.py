@@ -1,5 +1,5 @@
 """ReLU SAE with an L1 penalty weighted by decoder norm (Anthropic "Circuits Updates - April 2024";
-dictionary_learning `StandardTrainerAprilUpdate`, SAELens `standard`), algorithms.md §3.3.
+dictionary_learning `StandardTrainerAprilUpdate`, SAELens `standard`), docs/methods.md §3.3.
 
 z = relu(W_enc x + b_enc), loss = MSE + λ Σ_i z_i ||d_i||. Weighting by ||d_i|| replaces the unit-norm
 constraint: the SAE cannot shrink the penalty by growing d_i and shrinking z_i, so the decoder is left free

@@ -1,4 +1,4 @@
-"""A TopK training step whose work after the encoder matmul scales with k, not d_sae (algorithms.md §2.1).
+"""A TopK training step whose work after the encoder matmul scales with k, not d_sae (docs/methods.md §2.1).
 
 The dense step costs about 12·d·n FLOP per token: encoder forward, its two backward matmuls, decoder forward and
 its two backward matmuls. Here only the encoder forward stays dense (it is needed to choose the top k); the

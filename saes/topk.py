@@ -1,4 +1,4 @@
-"""TopK SAE (Makhzani & Frey 2013; Gao et al. 2024, arXiv 2406.04093), algorithms.md §2.
+"""TopK SAE (Makhzani & Frey 2013; Gao et al. 2024, arXiv 2406.04093), docs/methods.md §2.
 
 Selection: the k largest pre-activations per token, ReLU'd. Loss: MSE + AuxK/32 on dead latents,
 plus the optional Multi-TopK term (sparsify's `multi_topk`: FVU + FVU(4k)/8). Our main loss is the squared error

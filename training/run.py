@@ -56,7 +56,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Optimiser, schedules and precision."""
     input_norm: Literal["dataset_scalar", "none"] = "dataset_scalar"
-    """'dataset_scalar' trains on sqrt(d)/E||x|| * x and folds the scalar on save (algorithms.md §1.1)."""
+    """'dataset_scalar' trains on sqrt(d)/E||x|| * x and folds the scalar on save (docs/methods.md §1.1)."""
     holdout_shards: int = 1
     """Last shards kept out of training to report FVU and L0 (0 evaluates on training data)."""
     checkpoint_every: int = 5_000_000

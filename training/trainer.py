@@ -1,6 +1,6 @@
 """One trainer for every registered SAE variant, and for several SAEs trained on the same batches.
 
-Per step and per SAE (algorithms.md §1.3-§1.6): LR warm-up and linear decay, optional sparsity-coefficient
+Per step and per SAE (docs/methods.md §1.3-§1.6): LR warm-up and linear decay, optional sparsity-coefficient
 warm-up (variants with a `sparsity_coef`) and k-annealing (variants with a `k`), forward (bf16 autocast on GPU,
 fp32 master weights), non-finite guard, backward, gradient averaging across ranks, the variant's
 `after_backward` (gradient projection), clipping, Adam (each variant's paper betas), `after_step` (decoder
@@ -26,7 +26,7 @@ from training import distributed as dist
 @dataclass
 class LoopConfig:
     lr: float | None = None
-    """Adam learning rate; None uses 2e-4 / sqrt(d_sae / 2^14) (algorithms.md §1.6)."""
+    """Adam learning rate; None uses 2e-4 / sqrt(d_sae / 2^14) (docs/methods.md §1.6)."""
     warmup_steps: int = 1000
     """Linear LR warm-up, capped at 10% of the run."""
     decay_start: float = 0.8

@@ -1,4 +1,4 @@
-"""Sparse feature circuits (algorithms.md §10.2) and head-level discovery (§10.1): toy networks and the tiny model."""
+"""Sparse feature circuits (docs/methods.md §10.2) and head-level discovery (§10.1): toy networks and the tiny model."""
 import pytest
 import torch
 

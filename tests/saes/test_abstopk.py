@@ -1,4 +1,4 @@
-"""AbsTopK identities of algorithms.md §4.6: signs kept, |z| the k largest |u|, H_k is the projection onto
+"""AbsTopK identities of docs/methods.md §4.6: signs kept, |z| the k largest |u|, H_k is the projection onto
 k-sparse vectors, TopK on non-negative inputs, sign-flip symmetry, signed AuxK and dead counting, and training."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""BatchTopK identities of algorithms.md §3.1: exact mean L0 in training, the calibrated threshold, threshold
+"""BatchTopK identities of docs/methods.md §3.1: exact mean L0 in training, the calibrated threshold, threshold
 inference and its export as a SAELens JumpReLU."""
 import json
 

@@ -1,4 +1,4 @@
-"""Mutual Choice and Feature Choice identities of algorithms.md §6.7, threshold inference, and planted recovery."""
+"""Mutual Choice and Feature Choice identities of docs/methods.md §6.7, threshold inference, and planted recovery."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The SAE contract (algorithms.md Appendix A), checked for every registered architecture.
+"""The SAE contract (docs/methods.md Appendix A), checked for every registered architecture.
 
 Each case builds an architecture small. Fields come from DEFAULT_FIELDS, then FIELDS[name], then the case's own
 overrides, filtered to the fields its config defines, so a new variant is covered as soon as it is registered;

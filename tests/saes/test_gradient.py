@@ -1,4 +1,4 @@
-"""g-SAE (algorithms.md §8.6): beta = 0 or g = 0 is TopK, the gradient can win a latent, values stay z,
+"""g-SAE (docs/methods.md §8.6): beta = 0 or g = 0 is TopK, the gradient can win a latent, values stay z,
 gradients live in the scaled space, a clear error without gradients, save/load and planted recovery."""
 import pytest
 import torch

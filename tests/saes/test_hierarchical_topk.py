@@ -1,4 +1,4 @@
-"""HierarchicalTopK identities of algorithms.md §5.7: prefix property, J = {K} is TopK, Gram loss == brute force."""
+"""HierarchicalTopK identities of docs/methods.md §5.7: prefix property, J = {K} is TopK, Gram loss == brute force."""
 import copy
 
 import pytest

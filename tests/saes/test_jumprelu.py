@@ -1,4 +1,4 @@
-"""JumpReLU identities of algorithms.md §3.2: the exact forward, the straight-through pseudo-gradients checked
+"""JumpReLU identities of docs/methods.md §3.2: the exact forward, the straight-through pseudo-gradients checked
 against hand-computed values, the L0 term leaving the encoder alone, folding, and planted recovery."""
 import json
 

@@ -1,4 +1,4 @@
-"""MP-SAE identities of algorithms.md §7.7, the memory-efficient backward, folding, save/load and planted recovery."""
+"""MP-SAE identities of docs/methods.md §7.7, the memory-efficient backward, folding, save/load and planted recovery."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""ReLU + decoder-norm-weighted L1 identities of algorithms.md §3.3: the penalty by hand, the free decoder,
+"""ReLU + decoder-norm-weighted L1 identities of docs/methods.md §3.3: the penalty by hand, the free decoder,
 folding decoder norms, λ = 0, the SAELens "standard" layout, and planted recovery."""
 import json
 

@@ -1,4 +1,4 @@
-"""The sparse TopK training path equals the dense reference, values and gradients (algorithms.md §2.7.6)."""
+"""The sparse TopK training path equals the dense reference, values and gradients (docs/methods.md §2.7.6)."""
 import pytest
 import torch
 

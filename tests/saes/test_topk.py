@@ -1,4 +1,4 @@
-"""TopK identities of algorithms.md §2.7 and the shared base (§1.1, §1.3, §1.5)."""
+"""TopK identities of docs/methods.md §2.7 and the shared base (§1.1, §1.3, §1.5)."""
 import pytest
 import torch
 
