@@ -260,7 +260,7 @@ def test_signed_sae_keeps_most_negative_contexts(runs, brute):
     _, keep, _ = brute
     summary = Run(runs / "tiny").summary()
     cache = ActivationCache(summary["cache"])
-    sae = build_sae("abstopk", d_in=64, d_sae=32, k=4)
+    sae = build_sae("abstopk", d_in=64, d_sae=32, k=4, selection="per_token")
     out = collect(sae, cache, summary["hook"], FeaturesConfig(run_dir=runs / "tiny", top_n=4, samples=4,
                                                               progress=False))
     acts = torch.cat([cache.read(i, f"acts.{summary['hook']}") for i in range(cache.n_shards)])
