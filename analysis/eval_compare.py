@@ -145,7 +145,8 @@ def comparison_figures(cards: list[dict], labels: list[str]) -> dict:
 
 
 # ---- the comparison table -----------------------------------------------------------------------------------
-SAEBENCH, MASKED = "downstream:saebench", "downstream:special_masked"
+SAEBENCH, ALL = "downstream:saebench", "downstream:saebench_reconstruct_special"
+MASKED = "downstream:special_masked"
 COLUMNS = [  # (header, section, key, format); section "downstream:<convention>" reads that convention's results
     ("run", None, "label", "s"), ("architecture", None, "architecture", "s"), ("hook", None, "hook", "s"),
     ("d_sae", None, "d_sae", "d"), ("k", None, "k", "s"), ("convention", None, "convention", "s"),
@@ -163,6 +164,9 @@ COLUMNS = [  # (header, section, key, format); section "downstream:<convention>"
     ("CE recovered, mean abl. (SAEBench)", SAEBENCH, "ce_loss_recovered_mean_ablation", ".4f"),
     ("KL score (SAEBench)", SAEBENCH, "kl_score", ".4f"),
     ("delta LM loss (SAEBench)", SAEBENCH, "delta_lm_loss", ".4f"),
+    ("CE recovered (SAEBench, SAE at special tokens)", ALL, "ce_loss_recovered", ".4f"),
+    ("KL score (SAEBench, SAE at special tokens)", ALL, "kl_score", ".4f"),
+    ("delta LM loss (SAEBench, SAE at special tokens)", ALL, "delta_lm_loss", ".4f"),
     ("CE recovered (special-masked)", MASKED, "ce_loss_recovered", ".4f"),
     ("CE recovered, mean abl. (special-masked)", MASKED, "ce_loss_recovered_mean_ablation", ".4f"),
     ("KL score (special-masked)", MASKED, "kl_score", ".4f"),
@@ -245,11 +249,13 @@ def default_out(runs: list[Path]) -> Path:
 NOTES = ("FVU is pooled (sum ||x - x_hat||^2 / sum ||x - mean||^2) on held-out tokens, special tokens excluded; "
          "'with outliers' counts the outlier-norm tokens training skips, 'without' does not. EV (SAEBench) and EV "
          "(SAEBench legacy, per token) follow SAEBench's formulas (analysis/eval_core.py). The 'convention' column "
-         "says which token set the other core metrics use: saebench = every non-special token, special_masked = "
+         "says which token set the other core metrics use: saebench* = every non-special token, special_masked = "
          "training tokens. CE recovered = (CE_zero - CE_SAE) / (CE_zero - CE_clean) with zero-ablation (the "
-         "mean-ablation variant beside it); (SAEBench): SAE and ablations at every position, BOS included, "
-         "positions scored unless their input is special; (special-masked): SAE and ablations only at training "
-         "tokens, positions scored when input and target are regular. Compare across layers with delta LM loss, "
+         "mean-ablation variant beside it); (SAEBench): ablations at every position, BOS included, the SAE at every "
+         "non-special token (SAEBench's --exclude_special_tokens_from_reconstruction), positions scored unless their "
+         "input is special; (SAEBench, SAE at special tokens): the SAE at BOS/EOS too (SAEBench's default flag); "
+         "(special-masked): SAE and ablations only at training tokens, positions scored when input and target are "
+         "regular. Compare across layers with delta LM loss, "
          "variants at measured L0, not nominal k. Brackets: 95% bootstrap intervals over contexts (percentile, "
          "fixed seed).")
 
@@ -328,10 +334,11 @@ class EvalConfig:
     """Torch device for the model and SAEs."""
     budget_curve: bool = True
     """Also compute FVU and delta LM loss vs k (variants with an inference budget k)."""
-    convention: Literal["saebench", "special_masked"] = "saebench"
-    """Headline convention: 'saebench' (SAE and ablations at every position, BOS included; loss masked by input
-    token; outlier-norm tokens counted) or 'special_masked' (SAE and ablations only at training tokens). Both are
-    computed and tabulated; this one fills the card's top-level metrics."""
+    convention: Literal["saebench", "saebench_reconstruct_special", "special_masked"] = "saebench"
+    """Headline convention: 'saebench' (SAEBench with --exclude_special_tokens_from_reconstruction: SAE at every
+    non-special token, ablations at every position, BOS included; loss masked by input token; outlier-norm tokens
+    counted), 'saebench_reconstruct_special' (the SAE at BOS/EOS too) or 'special_masked' (SAE and ablations only at
+    training tokens). All are computed and tabulated; this one fills the card's top-level metrics."""
     bootstrap: int = 1000
     """Bootstrap replicates over contexts for the 95% intervals (fixed seed 0; 0 turns intervals off)."""
     stability: bool = True

@@ -6,14 +6,19 @@ the clean next-token distribution, and delta LM loss = CE_sae - CE_clean (compar
 mean-ablation variants use CE_mean / KL_mean in place of the zero-ablated ones.
 
 Where the SAE and the ablations act, and which positions are scored, is a convention; every result names its own:
-- `saebench` (default; SAEBench evals/core `get_recons_loss` with its defaults): the SAE reconstruction and the
-  ablations replace the hook at every position, BOS included; a position is scored unless its input token is
-  special (CE over the ctx - 1 predictions, KL over all ctx positions, the last one included).
+- `saebench` (default): SAEBench evals/core `get_recons_loss` as its documented commands run it
+  (`--exclude_special_tokens_from_reconstruction`): the SAE reconstruction replaces the hook at every non-special
+  token (outlier-norm tokens included: SAEBench has no outlier rule), the zero / mean ablations at every position,
+  BOS included; a position is scored unless its input token is special (CE over the ctx - 1 predictions, KL over
+  all ctx positions, the last one included).
+- `saebench_reconstruct_special`: the same with SAEBench's default flag value, the SAE also at BOS/EOS, where this
+  workbench's SAEs never trained.
 - `special_masked` (this workbench's earlier default): the SAE and the ablations act only at the tokens the SAE
-  trained on (not special, not outlier-norm), the same token set as the core metrics without outliers; a position
-  is scored when neither its input nor its target is special.
-Within one convention every pass is scored on the same mask. Sums are kept per context, so a bootstrap over the
-contexts gives every metric an interval (eval_core.intervals).
+  trained on (not special, not outlier-norm), the token set of the core metrics without outliers; a position is
+  scored when neither its input nor its target is special.
+Within one convention every pass is scored on the same mask; a pass shared by two conventions (same mode, same
+positions) runs once. Sums are kept per context, so a bootstrap over the contexts gives every metric an interval
+(eval_core.intervals).
 """
 import torch
 from torch import Tensor
@@ -23,9 +28,20 @@ from analysis.splice import check_hook, splice
 from saes.base import SAE
 from training.activation_store import ActivationCache
 
+# name -> (where the SAE acts, where the ablations act, which positions are scored). Positions: "all" (every
+# position), "regular" (not special), "trained" (not special, not outlier-norm). Scores: "input" (input token not
+# special), "input_and_target" (neither special).
+CONVENTION_SPECS = {
+    "saebench": ("regular", "all", "input"),
+    "saebench_reconstruct_special": ("all", "all", "input"),
+    "special_masked": ("trained", "trained", "input_and_target"),
+}
 CONVENTIONS = {
-    "saebench": "SAEBench: SAE and ablations at every position (BOS included); positions scored unless their input "
-                "token is special (KL also at the last position)",
+    "saebench": "SAEBench (--exclude_special_tokens_from_reconstruction): SAE at every non-special token, ablations "
+                "at every position (BOS included); positions scored unless their input token is special (KL also at "
+                "the last position)",
+    "saebench_reconstruct_special": "SAEBench's default flags: SAE and ablations at every position (BOS included); "
+                                    "positions scored unless their input token is special",
     "special_masked": "SAE and ablations only at training tokens (not special, not outlier-norm); positions scored "
                       "when neither input nor target is special",
 }
@@ -66,14 +82,27 @@ def loss_mask(special: Tensor) -> Tensor:
     return ~special[:, :-1] & ~special[:, 1:]
 
 
-def convention_masks(convention: str, special: Tensor, outlier: Tensor | None = None):
-    """(where the SAE and ablations act [b, ctx] bool, None = everywhere; CE mask [b, ctx-1]; KL mask [b, ctx])."""
-    check_convention(convention)
-    if convention == "saebench":
-        return None, ~special[:, :-1], ~special
-    outlier = torch.zeros_like(special) if outlier is None else outlier
+def positions_of(kind: str, special: Tensor, outlier: Tensor) -> Tensor | None:
+    """Where a pass replaces the hook: [b, ctx] bool, or None for every position."""
+    return {"all": None, "regular": ~special, "trained": ~special & ~outlier}[kind]
+
+
+def score_masks(kind: str, special: Tensor) -> tuple[Tensor, Tensor]:
+    """(CE mask [b, ctx-1] over predictions of token t+1 at t, KL mask [b, ctx])."""
+    if kind == "input":
+        return ~special[:, :-1], ~special
     ce = loss_mask(special)
-    return ~special & ~outlier, ce, torch.cat([ce, torch.zeros_like(ce[:, :1])], 1)
+    return ce, torch.cat([ce, torch.zeros_like(ce[:, :1])], 1)
+
+
+def convention_masks(convention: str, special: Tensor, outlier: Tensor | None = None):
+    """(where the SAE acts, where the ablations act: [b, ctx] bool or None = everywhere; CE mask [b, ctx-1]; KL mask
+    [b, ctx])."""
+    check_convention(convention)
+    outlier = torch.zeros_like(special) if outlier is None else outlier
+    sae_at, ablate_at, scored = CONVENTION_SPECS[convention]
+    return (positions_of(sae_at, special, outlier), positions_of(ablate_at, special, outlier),
+            *score_masks(scored, special))
 
 
 def recovered(clean: float, spliced: float, ablated: float) -> float:
@@ -146,7 +175,7 @@ def point(fn, n: int) -> dict:
 @torch.no_grad()
 def downstream(model, sae: SAE, hook: str, tokens: Tensor, special: Tensor, mean: Tensor | None = None,
                ks: list[int] | None = None, batch_size: int = 8, sae_mode: str = "sae", *,
-               outlier: Tensor | None = None, conventions: tuple[str, ...] = ("saebench", "special_masked"),
+               outlier: Tensor | None = None, conventions: tuple[str, ...] = tuple(CONVENTIONS),
                n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
     """CE loss clean / SAE / zero- and (with `mean`) mean-ablated, CE loss recovered, KL score and delta LM loss
     under each convention (the first is the headline: its metrics are also top-level keys); with `ks`, the SAE
@@ -165,6 +194,12 @@ def downstream(model, sae: SAE, hook: str, tokens: Tensor, special: Tensor, mean
     n_ce = {c: torch.zeros(n_ctx, dtype=torch.float64) for c in conventions}
     n_kl = {c: torch.zeros(n_ctx, dtype=torch.float64) for c in conventions}
     head = conventions[0]
+    # every distinct (pass, positions) forward once; the conventions that share it score it with their own masks
+    runs: dict[tuple[str, str], list[str]] = {}
+    for c in conventions:
+        sae_at, ablate_at, _ = CONVENTION_SPECS[c]
+        for name in modes:
+            runs.setdefault((name, sae_at if name == "sae" else ablate_at), []).append(c)
     # the SAE pass already is the pass at the SAE's own budget: reuse it rather than run the model again
     same_k = inference_budget(sae) if ks and sae_mode == "sae" else None
     k_ce = {k: torch.zeros(n_ctx, dtype=torch.float64) for k in ks or []}
@@ -173,28 +208,29 @@ def downstream(model, sae: SAE, hook: str, tokens: Tensor, special: Tensor, mean
         rows = slice(start, start + batch_size)
         batch = tokens[rows].to(device)  # [b, ctx]
         targets = batch[:, 1:]
-        masks = {c: [m if m is None else m.to(device) for m in convention_masks(c, special[rows], outlier[rows])]
-                 for c in conventions}
+        sp, out = special[rows].to(device), outlier[rows].to(device)
+        scores = {c: score_masks(CONVENTION_SPECS[c][2], sp) for c in conventions}
         logits = model(batch)
         clean_logp = None
         for c in conventions:
-            positions, ce_mask, kl_mask = masks[c]
-            c_ce, _, clean_logp = pass_scores(logits, targets, ce_mask, kl_mask, None)
+            c_ce, _, clean_logp = pass_scores(logits, targets, *scores[c], None)
             ce[c]["clean"][rows] = c_ce.cpu()
-            n_ce[c][rows], n_kl[c][rows] = ce_mask.sum(-1).double().cpu(), kl_mask.sum(-1).double().cpu()
+            n_ce[c][rows], n_kl[c][rows] = scores[c][0].sum(-1).double().cpu(), scores[c][1].sum(-1).double().cpu()
         del logits
-        for c in conventions:
-            positions, ce_mask, kl_mask = masks[c]
-            for name, mode in modes.items():
-                with splice(model, hook, mode, sae, mean=mean if name == "mean" else None, positions=positions):
-                    c_ce, c_kl, _ = pass_scores(model(batch), targets, ce_mask, kl_mask, clean_logp)
+        for (name, kind), users in runs.items():
+            with splice(model, hook, modes[name], sae, mean=mean if name == "mean" else None,
+                        positions=positions_of(kind, sp, out)):
+                logits = model(batch)
+            for c in users:
+                c_ce, c_kl, _ = pass_scores(logits, targets, *scores[c], clean_logp)
                 ce[c][name][rows], kl[c][name][rows] = c_ce.cpu(), c_kl.cpu()
-        positions, ce_mask, kl_mask = masks[head]
+            del logits
+        positions = positions_of(CONVENTION_SPECS[head][0], sp, out)
         for k_value in k_ce:
             if k_value == same_k:
                 continue
             with budget(sae, k_value) as view, splice(model, hook, "sae", view, positions=positions):
-                c_ce, c_kl, _ = pass_scores(model(batch), targets, ce_mask, kl_mask, clean_logp)
+                c_ce, c_kl, _ = pass_scores(model(batch), targets, *scores[head], clean_logp)
             k_ce[k_value][rows], k_kl[k_value][rows] = c_ce.cpu(), c_kl.cpu()
     if same_k in k_ce:
         k_ce[same_k], k_kl[same_k] = ce[head]["sae"], kl[head]["sae"]

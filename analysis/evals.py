@@ -129,8 +129,9 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
                 n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
     """Evaluate the SAE of a run folder; writes run_dir/eval/metrics.json and run_dir/eval/figures/*.json.
 
-    `convention` (eval_downstream.CONVENTIONS) is the headline: 'saebench' splices at every position and counts
-    outlier-norm tokens in the core metrics, 'special_masked' keeps both to the training tokens. The downstream
+    `convention` (eval_downstream.CONVENTIONS) is the headline: 'saebench' ablates at every position, splices the
+    SAE at every non-special token and counts outlier-norm tokens in the core metrics; 'special_masked' keeps all of
+    them to the training tokens. The downstream
     metrics of every convention are in card["downstream_conventions"], both FVUs in card["core"], and a bootstrap
     interval over contexts (n_boot replicates, fixed seed) of every metric in card["intervals"] and budget rows."""
     check_convention(convention)
@@ -151,7 +152,7 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
     check_contexts(model, tokens, special)
     check_model(model, sae, hook, tokens)
     ks = budget_ks(sae) if budget_curve and supports_budget(sae) else []
-    with_outliers = convention == "saebench"  # SAEBench has no outlier rule: its SAE acts on every token
+    with_outliers = convention.startswith("saebench")  # SAEBench has no outlier rule: its SAE acts on them too
     core = core_metrics(sae, lambda: eval_tokens(cache, hook, shards), ks, outliers=with_outliers, n_boot=n_boot,
                         seed=seed)
     conventions = (convention, *[c for c in CONVENTIONS if c != convention])

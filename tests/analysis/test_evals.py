@@ -71,18 +71,20 @@ def run_replaced(model, tokens, fn=None, positions=None):
 
 def reference_scores(model, sae, tokens, special, outlier, mean, convention):
     """CE per pass, KL per pass, and the ratios, for one convention, from its definition:
-    saebench: every pass replaces h at every position; CE over predictions whose input is not special, KL over
-    every position whose input is not special. special_masked: replace only at non-special, non-outlier tokens;
-    score where input and target are both non-special (KL on the same positions)."""
-    if convention == "saebench":
-        positions, ce_mask, kl_mask = None, ~special[:, :-1], ~special
+    saebench: the SAE replaces h at every non-special token, the ablations at every position; CE over predictions
+    whose input is not special, KL over every position whose input is not special. saebench_reconstruct_special:
+    the SAE at every position too. special_masked: SAE and ablations only at non-special, non-outlier tokens; score
+    where input and target are both non-special (KL on the same positions)."""
+    if convention.startswith("saebench"):
+        sae_at = None if convention == "saebench_reconstruct_special" else ~special
+        ablate_at, ce_mask, kl_mask = None, ~special[:, :-1], ~special
     else:
-        positions = ~special & ~outlier
+        sae_at = ablate_at = ~special & ~outlier
         ce_mask = ~special[:, :-1] & ~special[:, 1:]
         kl_mask = torch.cat([ce_mask, torch.zeros(len(tokens), 1, dtype=torch.bool)], 1)
     fns = {"clean": None, "sae": lambda h: sae.decode(sae.encode(h)), "zero": lambda h: h * 0,
            "mean": lambda h: mean.expand_as(h).to(h.dtype)}
-    logp = {name: run_replaced(model, tokens, fn, None if fn is None else positions).log_softmax(-1)
+    logp = {name: run_replaced(model, tokens, fn, sae_at if name == "sae" else ablate_at).log_softmax(-1)
             for name, fn in fns.items()}
     ce, kl = {}, {}
     for name, lp in logp.items():
@@ -306,10 +308,14 @@ def test_splice_acts_only_at_its_positions(tiny_model, held_out):
             assert torch.allclose(got[:, :10], tiny_model(tokens)[:, :10].float(), atol=1e-5)  # causal: before 10
 
 
-@pytest.mark.parametrize("convention", ["saebench", "special_masked"])
+ALL = ("saebench", "saebench_reconstruct_special", "special_masked")
+
+
+@pytest.mark.parametrize("convention", ALL)
 def test_downstream_metrics_match_their_definitions(tiny_model, tiny_cache, held_out, convention):
     """Against references from the definitions, with a non-zero mean (so mean- and zero-ablation differ) and
-    outlier flags at some positions (where only the special-masked convention leaves h alone)."""
+    outlier flags at some positions (where only the special-masked convention leaves h alone); BOS is special in
+    every context, so the three conventions act at different positions."""
     shards, tokens, special = held_out
     tokens, special = tokens[:6], special[:6]
     outlier = torch.zeros_like(special)
@@ -317,7 +323,7 @@ def test_downstream_metrics_match_their_definitions(tiny_model, tiny_cache, held
     outlier &= ~special
     sae = random_topk()
     mean = torch.cat(list(eval_activations(tiny_cache, HOOK, shards))).mean(0)
-    others = [c for c in ("saebench", "special_masked") if c != convention]
+    others = [c for c in ALL if c != convention]
     got = downstream(tiny_model, sae, HOOK, tokens, special, mean=mean, outlier=outlier, batch_size=6,
                      conventions=(convention, *others), n_boot=0)
     with torch.no_grad():
@@ -330,7 +336,7 @@ def test_downstream_metrics_match_their_definitions(tiny_model, tiny_cache, held
     assert abs(want["kl_mean"] - want["kl_zero"]) > 0.1 * want["kl_zero"]
     assert abs(want["ce_loss_recovered"] - want["ce_loss_recovered_mean_ablation"]) > 0.02
     assert abs(want["kl_score"] - want["kl_score_mean_ablation"]) > 0.02
-    assert got["tokens"] == int(convention_masks(convention, special, outlier)[1].sum())
+    assert got["tokens"] == int(convention_masks(convention, special, outlier)[2].sum())
 
 
 def test_the_conventions_differ_where_they_should(tiny_model, held_out):
@@ -348,7 +354,7 @@ def test_ce_recovered_is_one_with_the_error_term_and_zero_with_zero_ablation(tin
     sae = random_topk()
     identity = downstream(tiny_model, sae, HOOK, tokens, special, sae_mode="sae_with_error", n_boot=0)
     zeroed = downstream(tiny_model, sae, HOOK, tokens, special, sae_mode="zero", n_boot=0)
-    for convention in ("saebench", "special_masked"):
+    for convention in ALL:
         one, zero = identity["conventions"][convention], zeroed["conventions"][convention]
         assert one["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
         assert one["delta_lm_loss"] == pytest.approx(0.0, abs=1e-4) and one["kl_sae"] < 1e-6
@@ -372,13 +378,16 @@ def test_every_pass_scores_the_same_token_mask(tiny_model, held_out, monkeypatch
     mean = torch.randn(64)
     result = downstream(tiny_model, random_topk(), HOOK, tokens, special, mean=mean, ks=[2, 4, 8], batch_size=16,
                         n_boot=0)
-    # one batch: clean scored under both conventions, then sae/zero/mean under each, then budgets 2 and 4 under
-    # the headline convention (k=8 is the SAE pass)
-    assert len(seen) == 2 + 3 + 3 + 2
+    # one batch: the clean pass scored under each convention; then each distinct forward (sae at non-special
+    # tokens, zero and mean everywhere, each shared by both SAEBench conventions; sae everywhere; sae, zero, mean at
+    # training tokens) scored under each convention using it; then budgets 2 and 4 under the headline convention
+    # (k=8 is the SAE pass)
     saebench = (~special[:, :-1], ~special)
     masked_ce = loss_mask(special)
     masked = (masked_ce, torch.cat([masked_ce, torch.zeros(len(special), 1, dtype=torch.bool)], 1))
-    expected = [saebench, masked] + [saebench] * 3 + [masked] * 3 + [saebench] * 2
+    S, M = saebench, masked
+    expected = [S, S, M] + [S] + [S, S] + [S, S] + [S] + [M, M, M] + [S, S]
+    assert len(seen) == len(expected) == 14
     for (ce_mask, kl_mask), (want_ce, want_kl) in zip(seen, expected):
         assert torch.equal(ce_mask, want_ce) and torch.equal(kl_mask, want_kl)
     assert not masked_ce[:, 4].any() and not masked_ce[:, 5].any() and saebench[0][:, 4].all()
@@ -393,7 +402,7 @@ def test_downstream_intervals_resample_contexts(tiny_model, held_out):
     for name in ("ce_loss_recovered", "kl_score", "delta_lm_loss", "ce_sae", "kl_sae"):
         assert ci[name][0] <= result[name] <= ci[name][1], name
     # delta LM loss = a ratio of per-context sums: compare with an independent bootstrap over the 16 contexts
-    positions, ce_mask, _ = convention_masks("saebench", special)
+    _, _, ce_mask, _ = convention_masks("saebench", special)
     with torch.no_grad():
         nll = {name: -run_replaced(tiny_model, tokens, fn).log_softmax(-1)[:, :-1]
                .gather(-1, tokens[:, 1:, None])[..., 0].double()
@@ -496,7 +505,7 @@ def test_cli_eval_end_to_end(runs, tiny_cache, tmp_path, capsys):
     assert card["core"]["fvu"] == card["core"]["fvu_with_outliers"]  # saebench: outlier tokens count
     d = card["downstream"]
     assert d["ce_zero"] != d["ce_clean"] and d["delta_lm_loss"] == pytest.approx(d["ce_sae"] - d["ce_clean"])
-    assert set(card["downstream_conventions"]) == {"saebench", "special_masked"}
+    assert set(card["downstream_conventions"]) == set(ALL)
     for name in MEAN_LIKE:
         low, high = card["intervals"]["core"][name]
         assert low <= card["core"][name] <= high, name
