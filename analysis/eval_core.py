@@ -1,5 +1,5 @@
 """Core SAE metrics on held-out cached activations, their bootstrap intervals, and inference budgets
-(algorithms.md §10.5, §5).
+(docs/methods.md §10.5, §5).
 
 Conventions (Appendix D 9, 14):
 - FVU is the pooled ratio sum ||x - x_hat||^2 / sum ||x - mu||^2 with mu the per-dimension mean over the eval set

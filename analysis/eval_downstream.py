@@ -1,4 +1,4 @@
-"""Downstream metrics with the SAE spliced in at its hook (algorithms.md §10.5, Appendix D 10).
+"""Downstream metrics with the SAE spliced in at its hook (docs/methods.md §10.5, Appendix D 10).
 
 CE_clean, CE_sae (reconstruction, no error term), CE_zero and CE_mean (zero- and mean-ablation of the hook), then
 CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), KL score = (KL_zero - KL_sae) / KL_zero with KL from

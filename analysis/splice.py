@@ -1,4 +1,4 @@
-"""Splicing an SAE into a model at its hook, and ablating the hook (algorithms.md §10.5 downstream metrics).
+"""Splicing an SAE into a model at its hook, and ablating the hook (docs/methods.md §10.5 downstream metrics).
 
 Modes of `splice`, a context manager that installs one forward hook through `model.hooks()` and always removes it
 (also when the block raises, §D.12):

@@ -1,5 +1,5 @@
 """Evaluations (issue 6, issue 13 §3): metric definitions against references written here from the definitions
-(algorithms.md §10.5, SAEBench evals/core), both downstream conventions, splicing controls, one token mask per
+(docs/methods.md §10.5, SAEBench evals/core), both downstream conventions, splicing controls, one token mask per
 convention, outlier tokens, bootstrap intervals, budget curves, ground-truth and stability metrics, the report card
 and `saewb eval` on tiny run folders, and errors for bad input."""
 import json
