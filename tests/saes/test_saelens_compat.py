@@ -77,14 +77,14 @@ def trained(name: str, **fields):
         sae.b_dec.normal_(0, 0.3, generator=generator)
         if not sae.tied:  # matching pursuit has no encoder of its own
             sae.b_enc.normal_(0, 0.1, generator=generator)
-    batches = iter([torch.randn(128, D_IN, generator=generator) + 0.3 for _ in range(5)])
+    batches = [torch.randn(128, D_IN, generator=generator) + 0.3 for _ in range(5)]  # re-iterable: calibration
     train_sae(sae, batches, 5, LoopConfig(lr=1e-3, warmup_steps=1, dead_tokens=128), progress=False)
     return sae
 
 
 def compatible_saes() -> dict:
     """Folder name -> the SAE whose encode/decode SAELens must reproduce."""
-    batchtopk = trained("batchtopk", k=4, threshold_start_step=0, threshold_decay=0.5)
+    batchtopk = trained("batchtopk", k=4)
     assert batchtopk.threshold > 0
     return {
         "topk": trained("topk", k=4),
@@ -102,7 +102,7 @@ def test_saelens_loads_our_folders_with_identical_outputs(tmp_path):
     python = saelens_python()
     ours = compatible_saes()
     # Folders SAELens must refuse rather than silently run differently (no batch-mode AbsTopK there).
-    refused = {"abstopk_batch": trained("abstopk", k=4, selection="batch", threshold_start_step=0)}
+    refused = {"abstopk_batch": trained("abstopk", k=4, selection="batch")}
     x = torch.randn(48, D_IN) * 2 + 0.3
     save_file({"x": x}, str(tmp_path / "inputs.safetensors"))
     for name, sae in {**ours, **refused}.items():
