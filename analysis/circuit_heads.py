@@ -1,4 +1,4 @@
-"""SAE-based head-level circuit discovery (O'Neill & Bui 2024; algorithms.md §10.1), simplified.
+"""SAE-based head-level circuit discovery (O'Neill & Bui 2024; docs/methods.md §10.1), simplified.
 
 Per-head outputs are read at `blocks.L.attn.hook_z` ([batch, seq, heads, d_head], i.e. before W_O, unlike the paper's
 z W_O in d_model) and averaged over positions (or the last position). One small TopK SAE (saes TopK trained with

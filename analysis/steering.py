@@ -1,4 +1,4 @@
-"""Steering a model with SAE latents (algorithms.md §10.4): additive, clamping, ablation, signed, gradient descent
+"""Steering a model with SAE latents (docs/methods.md §10.4): additive, clamping, ablation, signed, gradient descent
 on the sparse code toward a class prototype (§10.4 c), a one-offset variant of it, and a difference-in-means baseline.
 
 Every method is an *edit* of the activations h [batch, pos, d] at the SAE's hook, applied inside a context manager

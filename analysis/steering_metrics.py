@@ -1,4 +1,4 @@
-"""What a steered generation did (algorithms.md §10.4): concept strength, fluency and side effects, per
+"""What a steered generation did (docs/methods.md §10.4): concept strength, fluency and side effects, per
 generation and as sweeps over the strength alpha, as a table and plotly figures (and W&B when on).
 
 For a steered continuation, both the steered and the unsteered model score the same token sequence (teacher

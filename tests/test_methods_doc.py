@@ -140,7 +140,6 @@ def repository_files() -> list[Path]:
         return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
 
 
-@pytest.mark.xfail(strict=False, reason="citations are being repointed")
 def test_no_file_outside_docs_cites_the_private_spec():
     old_name = "algorithms" + ".md"  # built, so that a repo-wide rename of the citations leaves this test intact
     offenders = []

@@ -1,4 +1,4 @@
-"""Head-level discovery's edge ranking (algorithms.md §10.1) against a re-implementation, written here in numpy, of
+"""Head-level discovery's edge ranking (docs/methods.md §10.1) against a re-implementation, written here in numpy, of
 the reference code's selection (O'Neill & Bui, SAECIRC `edge.py` + `main.py`): co-occurrence tensors, pairs seen
 only on positives, all ordered pairs sorted, the heads of the first n^2 // 2 entries counted."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""Steering (algorithms.md §10.4) on the tiny model with a small random TopK SAE at blocks.0."""
+"""Steering (docs/methods.md §10.4) on the tiny model with a small random TopK SAE at blocks.0."""
 import pytest
 import torch
 
