@@ -224,7 +224,7 @@ def server(runs, tmp_path):
 def test_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    expect.set_options(timeout=90_000)  # expect() ignores page.set_default_timeout; a loaded 2-core CI machine is slow
+    wait = 90_000  # ms for every expect(): it ignores page.set_default_timeout; a loaded 2-core CI machine is slow
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -234,18 +234,18 @@ def test_real_browser(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
             page.goto(f"{server}/feature?latent=3")
-            expect(page.get_by_text("Latent 3", exact=True)).to_be_visible()
-            expect(page.locator("span.tok-on").first).to_be_visible()
+            expect(page.get_by_text("Latent 3", exact=True)).to_be_visible(timeout=wait)
+            expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
             search = page.get_by_label("Search latents by token")
             search.fill("the")
             search.press("Enter")
-            expect(page.get_by_text("Latents whose top examples centre on")).to_be_visible()
+            expect(page.get_by_text("Latents whose top examples centre on")).to_be_visible(timeout=wait)
             page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
             page.goto(f"{server}/live")
             box = page.get_by_label("Text")
             box.fill("Emma was very happy at Hartfield.")
             box.press("Control+Enter")
-            expect(page.locator("span.tok-on").first).to_be_visible()
+            expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
             assert page.locator("span.tok").count() >= 6
             page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
         finally:

@@ -28,10 +28,8 @@ def weights(folder):
     return {k: v.clone() for k, v in sae.state_dict().items()}
 
 
-def test_resume_is_bit_identical(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path, monkeypatch):
-    full = job(tiny_cache_cfg, tmp_path / "full")
-    train(full, model=tiny_model, progress=False)
-    interrupted = job(tiny_cache_cfg, tmp_path / "interrupted")
+def interrupt_at_step_9(cfg: TrainConfig, model, monkeypatch) -> dict:
+    """Run the job until Ctrl-C at step 9, restore the real step, and return the newest checkpoint's state."""
     real_step = Trainer.train_step
 
     def dies_at_step_9(self, batch):
@@ -41,9 +39,17 @@ def test_resume_is_bit_identical(tiny_model, tiny_cache, tiny_cache_cfg, tmp_pat
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_9)
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, model=tiny_model, progress=False)
-    assert load_checkpoint(latest_checkpoint(interrupted.run_dir))["step"] == 8  # every 1024 tokens = 4 steps
+        train(cfg, model=model, progress=False)
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    return load_checkpoint(latest_checkpoint(cfg.run_dir))
+
+
+def test_resume_is_bit_identical(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path, monkeypatch):
+    full = job(tiny_cache_cfg, tmp_path / "full")
+    train(full, model=tiny_model, progress=False)
+    interrupted = job(tiny_cache_cfg, tmp_path / "interrupted")
+    at_interrupt = interrupt_at_step_9(interrupted, tiny_model, monkeypatch)
+    assert at_interrupt["step"] == 8  # every 1024 tokens = 4 steps
     summary = train(interrupted, model=tiny_model, progress=False)["sae"]
     a, b = weights(full.run_dir), weights(interrupted.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

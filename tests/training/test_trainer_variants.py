@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saes import ARCHITECTURES, build_sae
-from tests.training.test_trainer import HOOK, job
+from tests.training.test_trainer import HOOK, interrupt_at_step_9, job
 from training.caching import CacheConfig, cache_activations
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.run import train
@@ -52,22 +52,11 @@ def test_every_architecture_resumes_bit_identically(architecture, options, tiny_
     full = cfg("full")
     train(full, model=tiny_model, progress=False)
     interrupted = cfg("interrupted")
-    real_step = Trainer.train_step
-
-    def dies_at_step_9(self, batch):
-        if self.step == 9:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, model=tiny_model, progress=False)
-    at_interrupt = load_checkpoint(latest_checkpoint(interrupted.run_dir))
+    at_interrupt = interrupt_at_step_9(interrupted, tiny_model, monkeypatch)
     assert at_interrupt["step"] == 8
     counter = at_interrupt["saes"]["sae"]["tokens_since_fired"]
     if architecture not in ("feature_choice", "jumprelu", "relu_l1"):  # no AuxK, or every latent gets tokens
         assert bool((counter >= RESUME_LOOP.dead_tokens).any()), "no dead latent at the interruption: AuxK idle"
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     train(interrupted, model=tiny_model, progress=False)
     a, b = final_state(full.run_dir), final_state(interrupted.run_dir)
     assert a.keys() == b.keys()
