@@ -86,6 +86,11 @@ class TrainConfig:
             raise ValueError(f"--k values must be positive, got {self.k}.")
         if self.expansion <= 0 or self.batch_size <= 0 or self.epochs <= 0:
             raise ValueError("--expansion, --batch-size and --epochs must be positive.")
+        known = {f.name for name in self.architectures for f in dataclasses.fields(sae_class(name).config_cls)}
+        unknown = sorted(set(self.sae_options) - known)
+        if unknown:  # e.g. the removed threshold_decay: silently ignoring it would train something else than asked
+            raise ValueError(f"--sae-options {', '.join(unknown)}: no SAE of --architectures "
+                             f"{' '.join(self.architectures)} has such a field; its fields: {', '.join(sorted(known))}.")
         missing = [h for h in self.hooks if h not in self.cache.hooks]
         if missing:
             raise ValueError(f"--hooks {missing} are not among --cache.hooks {self.cache.hooks}: add them there.")

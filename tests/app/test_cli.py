@@ -50,6 +50,9 @@ def test_demo_on_tiny_model_leaves_a_saelens_run_folder(tmp_path, capsys):
     (["train", "--cache.model", "tiny", "--cache.hooks", "blocks.0.hook_resid_post", "--hooks", "blocks.1.hook_resid_post"],
      "not among"),
     (["cache", "--model", "tiny", "--tokens", "0"], "must be positive"),
+    (["train", "--cache.model", "tiny", "--architectures", "batchtopk", "--sae-options", "threshold_decay", "0.9"],
+     "--sae-options threshold_decay: no SAE of --architectures batchtopk has such a field"),
+    (["train", "--cache.model", "tiny", "--loop.calibration-batches", "0"], "calibration-batches must be positive"),
 ])
 def test_bad_input_gives_one_clear_sentence_and_nonzero_exit(args, message, capsys, tmp_path):
     assert main(args + ([] if args[0] == "train" else ["--out", str(tmp_path / "c")])) == 1
