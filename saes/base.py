@@ -16,6 +16,22 @@ from torch import Tensor, nn
 from saes import ops
 
 
+TOKEN_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+LAYER_NORM_EPS = 1e-5  # SAELens's and OpenAI's LayerNorm epsilon, added to the std (not the variance)
+
+
+def token_stats(x: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, divisor, scale) of each token for `mode`: x_norm = (x - mean) / divisor, out = y * scale + mean.
+
+    They differ only by LayerNorm's epsilon, as in SAELens and OpenAI's code. x: [n, d] -> three [n, 1]."""
+    if mode == "layer_norm":
+        mean = x.mean(-1, keepdim=True)
+        std = (x - mean).std(-1, keepdim=True)
+        return mean, std + LAYER_NORM_EPS, std
+    norm = x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5  # constant_norm_rescale
+    return torch.zeros_like(norm), norm, norm
+
+
 @dataclass
 class SAEConfig:
     """Fields every variant shares. Variants subclass this and add their own."""
@@ -38,6 +54,11 @@ class SAEConfig:
     """Parameter dtype."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (cache key, run name); saved in cfg.json."""
+    token_norm: str = "none"
+    """Per-token input normalisation of an imported SAE (SAELens `normalize_activations`, OpenAI's LayerNorm):
+    'none'; 'layer_norm' (x -> (x - mean) / (std + 1e-5), reconstruction * std + mean, std with Bessel's
+    correction); 'constant_norm_rescale' (x -> x sqrt(d_in) / ||x||, reconstruction divided by the same factor).
+    Inference only: the trainer never trains with it."""
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the configuration cannot work."""
@@ -47,6 +68,8 @@ class SAEConfig:
             raise ValueError(f"input_scale must be a positive finite number, got {self.input_scale}.")
         if self.aux_k is not None and self.aux_k < 0:
             raise ValueError(f"aux_k must be >= 0 (0 disables AuxK), got {self.aux_k}.")
+        if self.token_norm not in TOKEN_NORMS:
+            raise ValueError(f"token_norm must be one of {', '.join(TOKEN_NORMS)}, got {self.token_norm!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype must be one of float32, bfloat16, float16, float64, got {self.dtype!r}.")
 
@@ -100,6 +123,8 @@ class SAE(nn.Module):
     """True when train-mode selection depends on the whole batch (BatchTopK, Mutual/Feature Choice)."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam (beta1, beta2) of the variant's paper; the trainer uses them unless --loop.adam-betas overrides."""
+    trainable: ClassVar[bool] = True
+    """False for inference-only classes that exist to load other libraries' SAEs (e.g. gated)."""
     tied: ClassVar[bool] = False
     """True when the encoder is the dictionary itself (MP-SAE, §7.1): no W_enc/b_enc parameters exist or are saved."""
 
@@ -130,6 +155,12 @@ class SAE(nn.Module):
                 "train or load an SAE for this hook, or check the cache you are reading."
             )
 
+    def _check_trainable(self) -> None:
+        if not self.trainable or self.cfg.token_norm != "none":
+            raise ValueError(f"This {self.architecture} SAE is inference-only (an imported layout or normalisation, "
+                             f"token_norm={self.cfg.token_norm!r}, that the trainer has no counterpart for): analyse "
+                             "it, or train a new SAE of a trainable architecture.")
+
     def pre_acts(self, x_scaled: Tensor) -> Tensor:
         """u = W_enc (s*x - b_dec) + b_enc. x_scaled: [batch, d_in] -> [batch, d_sae]."""
         return (x_scaled - self.b_dec) @ self.W_enc.T + self.b_enc
@@ -142,23 +173,51 @@ class SAE(nn.Module):
         """Inference-mode codes of raw activations; never batch-dependent. [..., d_in] -> [..., d_sae]."""
         self._check_input(x)
         shape = x.shape
-        x_scaled = x.reshape(-1, shape[-1]).to(self.W_enc.dtype) * self.input_scale
+        x_flat = x.reshape(-1, shape[-1]).to(self.W_enc.dtype)
+        if self.cfg.token_norm != "none":
+            mean, divisor, scale = token_stats(x_flat, self.cfg.token_norm)
+            x_flat = (x_flat - mean) / divisor
+            self._token_stats = (shape[:-1], mean, scale)  # decode un-normalises the codes of this call
+        x_scaled = x_flat * self.input_scale
         codes = self.select(self.pre_acts(x_scaled), train=False, x_scaled=x_scaled, grad=None)
         return codes.reshape(*shape[:-1], self.cfg.d_sae)
+
+    def _per_token(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, scale) of the last encode, shaped like `codes` [..., 1], for a per-token-normalised SAE."""
+        stats = getattr(self, "_token_stats", None)
+        if stats is None or tuple(stats[0]) != tuple(codes.shape[:-1]):
+            raise ValueError(
+                f"This SAE normalises each token ({self.cfg.token_norm}), so decoding needs the statistics of the "
+                "tokens the codes came from: decode the codes of the latest encode call (same shape), or use "
+                "reconstruct(x).")
+        _, mean, scale = stats
+        return mean.reshape(*codes.shape[:-1], 1), scale.reshape(*codes.shape[:-1], 1)
 
     # ---- decoding -------------------------------------------------------------------------------------
     def decode_no_bias(self, codes: Tensor) -> Tensor:
         """sum_i z_i d_i in raw space, without b_dec (AuxK, steering, attribution). [..., d_sae] -> [..., d_in]."""
-        return (codes.to(self.W_dec.dtype) @ self.W_dec) / self.input_scale
+        out = (codes.to(self.W_dec.dtype) @ self.W_dec) / self.input_scale
+        if self.cfg.token_norm != "none":
+            out = out * self._per_token(codes)[1]
+        return out
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction in raw space. [..., d_sae] -> [..., d_in]."""
-        return self.decode_no_bias(codes) + self.b_dec / self.input_scale
+        out = (codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+        if self.cfg.token_norm != "none":
+            mean, scale = self._per_token(codes)
+            out = out * scale + mean
+        return out
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)): the inference-mode reconstruction of raw activations. [..., d_in] -> [..., d_in]."""
+        return self.decode(self.encode(x))
 
     # ---- training -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
         """Train-mode pass: codes, reconstruction, weighted losses and metrics. x: [batch, d_in] raw."""
         self._check_input(x)
+        self._check_trainable()
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         pre_acts = self.pre_acts(x_scaled)
         codes = self.select(pre_acts, train=True, x_scaled=x_scaled, grad=grad)
@@ -215,6 +274,16 @@ class SAE(nn.Module):
         self.fold_extra(float(s))
         self.input_scale.fill_(1.0)
         self.cfg.input_scale = 1.0
+
+    @torch.no_grad()
+    def fold_b_dec_into_encoder(self) -> None:
+        """Make u = W_enc x + b_enc (an encoder that does not subtract b_dec, SAELens `apply_b_dec_to_input:
+        false`) exact under our u = W_enc (x - b_dec) + b_enc: b_enc <- b_enc + W_enc b_dec (in float64)."""
+        if self.tied:
+            raise ValueError(f"A tied {self.architecture} SAE has no encoder bias to absorb b_dec: it cannot load "
+                             "with apply_b_dec_to_input false.")
+        shift = self.W_enc.double() @ self.b_dec.double()  # [d_sae]
+        self.b_enc.copy_((self.b_enc.double() + shift).to(self.b_enc.dtype))
 
     def fold_extra(self, scale: float) -> None:
         """Variant hook for folding state beyond the four tensors (e.g. thresholds kept in the scaled space)."""

@@ -43,6 +43,7 @@ class TopKSAE(SAE):
         if not (self.cfg.sparse_kernel and torch.is_grad_enabled()) or type(self).select is not TopKSAE.select:
             return super().forward(x, dead_mask=dead_mask, grad=grad)
         self._check_input(x)
+        self._check_trainable()
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         x_centered = x_scaled - self.b_dec
         values, indices, pre_acts, decoded = sparse_topk_forward(x_centered, self.W_enc, self.b_enc, self.W_dec,

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from saes import build_sae, load_sae, sae_class, save_sae
+from saes import ARCHITECTURES, build_sae, load_sae, sae_class, save_sae
 from saes.base import SAE
 from saes.thresholds import ThresholdCalibrator
 from training import distributed as dist
@@ -79,7 +79,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Checked before any model loads."""
         for name in self.architectures:
-            sae_class(name)  # unknown names list the registered ones
+            if name not in ARCHITECTURES and sae_class(name):  # unknown names list the registered ones
+                raise ValueError(f"--architectures {name}: this architecture is inference-only (it loads other "
+                                 f"libraries' SAEs); trainable ones: {' '.join(sorted(ARCHITECTURES))}.")
         if not self.architectures or not self.k:
             raise ValueError("--architectures and --k need at least one value each.")
         if any(k <= 0 for k in self.k):
