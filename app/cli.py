@@ -19,6 +19,7 @@ from analysis.circuit_graph import CircuitsConfig
 from analysis.eval_compare import EvalConfig
 from analysis.features import FeaturesConfig, run_features
 from training.caching import CacheConfig
+from training.importing import ImportConfig
 from training.run import TrainConfig
 
 
@@ -158,6 +159,34 @@ def run_demo(cfg: DemoConfig) -> None:
           f"    saewb app {run_dir.parent}        (or: make app)")
 
 
+def run_import(cfg: ImportConfig) -> None:
+    from training.importing import import_sae
+
+    folder = import_sae(cfg)
+    print(f"Imported into {folder}: use it like a trained run, e.g. `saewb eval {folder}`, `saewb features {folder}`, "
+          f"`saewb app {folder.parent}`.")
+
+
+@dataclass
+class ExportConfig:
+    """Write a run's SAE in another library's layout: 'saelens' (SAE.load_from_disk) or 'sparsify'
+    (SparseCoder.load_from_disk; TopK family only)."""
+
+    run_dir: tyro.conf.Positional[Path]
+    """Run folder (cfg.json + sae_weights.safetensors)."""
+    format: str = "saelens"
+    """'saelens' or 'sparsify'."""
+    out: Path | None = None
+    """Folder to write; default RUN_DIR/export-FORMAT."""
+
+
+def run_export(cfg: ExportConfig) -> None:
+    from saes.formats.export import export_run
+
+    folder = export_run(cfg.run_dir, cfg.format, cfg.out)
+    print(f"Exported {cfg.run_dir} as {cfg.format} into {folder}")
+
+
 # name -> (typed config, handler, one-line description). Adding a command is one entry here.
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (CacheConfig, run_cache, "Cache activations of a model at one or more hooks (content-addressed, resumable)."),
@@ -174,6 +203,10 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "circuits": (CircuitsConfig, run_circuits, "Find a sparse feature circuit for a task (ioi, "
                  "greater_than, sva) with a run's SAE on discovery prompts and score its faithfulness and "
                  "completeness on held-out ones: RUN_DIR/circuits/graph.json + a layered figure."),
+    "import": (ImportConfig, run_import, "Import a published SAE (SAELens, sparsify, Gemma Scope, Llama Scope, "
+               "dictionary_learning, OpenAI; a path or hf:ORG/REPO/PATH), check its FVU and L0 on the model, and "
+               "write a run folder every command and app page uses."),
+    "export": (ExportConfig, run_export, "Write a run's SAE in SAELens's or sparsify's layout."),
     "app": (AppConfig, run_app,
             "Start the Streamlit workbench (runs, feature browser, live text, steering, circuits) on RUNS_DIR."),
 }

@@ -173,7 +173,7 @@ def load(path: Path, input_scale: float | None = None, **_) -> SAE:
         extra["b_mag"] = take(tensors, "b_mag", (d_sae,), path / WEIGHTS).double()
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder  # a transcoder's b_dec is output
     metadata = cfg["metadata"]
-    sae = build(ours, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, extra=extra, dtype="float64",
+    sae = build(ours, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, extra=extra, dtype="float64", **fields,
                 apply_b_dec_to_input=apply_b_dec, token_norm=token_norm, input_scale=scale,
                 hook_name=metadata.get("hook_name") or "", model_name=metadata.get("model_name") or "")
     sae = sae.to(getattr(torch, str(cfg.get("dtype", "float32")).replace("torch.", ""), torch.float32))
