@@ -116,6 +116,19 @@ class Run:
         """circuits/graph.json written by `saewb circuits`, if any."""
         return read_json(self.path / "circuits" / "graph.json")
 
+    def imported(self) -> dict | None:
+        """import.json of a run written by `saewb import` (source facts and fingerprint), if any."""
+        return read_json(self.path / "import.json")
+
+    def source_log10_density(self) -> torch.Tensor | None:
+        """The log10 feature densities the imported SAE's source ships (SAELens sparsity.safetensors), [d_sae]."""
+        path = self.path / "source_sparsity.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path)).get("sparsity")
+
     def has_features(self) -> bool:
         return (features_dir(self.path) / INDEX).is_file()
 

@@ -68,6 +68,10 @@ c2.metric("Mean activation (when firing)", f"{record['mean_act']:.3g}")
 c3.metric("Fired on (tokens)", f"{record['fired']:,}", help=f"of {record['n_tokens']:,} cached tokens "
           "(special and outlier tokens left out)")
 c4.metric("Max activation", f"{record['top'][0]['value']:.3g}" if record["top"] else "-")
+stated = run.source_log10_density()
+if stated is not None and latent < len(stated):
+    st.caption(f"The SAE's source states a density of {10 ** float(stated[latent]):.3%} for this latent "
+               "(its sparsity.safetensors, measured on its own training data).")
 if not record["top"]:
     st.warning("This latent never fired on the cached tokens (dead).")
 

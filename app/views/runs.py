@@ -38,6 +38,13 @@ for col, (name, key, fmt) in zip(cols, [("FVU", "fvu", "{:.4f}"), ("L0", "l0", "
                                         ("Train tokens", "train_tokens", "{:,}")]):
     col.metric(name, fmt.format(summary[key]) if summary.get(key) is not None else "-")
 
+imported = run.imported()
+if imported:
+    facts = imported.get("facts", {})
+    st.info(f"Imported with `saewb import` from `{imported.get('source')}` ({facts.get('layout')} layout); the import "
+            f"check measured FVU {imported['fingerprint']['fvu']:.3f} and L0 {imported['fingerprint']['l0']:.1f} on "
+            f"{imported['fingerprint']['tokens']:,} tokens" + (f" (source states L0 {facts['l0']})." if facts.get("l0")
+                                                              else "."))
 wandb = run.wandb_dir()
 if wandb:
     st.markdown(f"W&B (offline) folder: `{wandb}` — sync it with `wandb sync {wandb}/offline-run-*`.")

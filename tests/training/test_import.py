@@ -2,10 +2,11 @@
 use; its fingerprint equals a reference computed here; a wrong hook, width, layout or folder is refused with one
 sentence and nothing written."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from app.cli import main
 from saes import build_sae, load_sae, save_sae
@@ -39,6 +40,7 @@ def saelens_folder(tiny_cache, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saelens") / "tiny-topk"
     save_sae(sae, folder)
     strip_to_saelens(folder)
+    save_file({"sparsity": torch.linspace(-4, -1, 128)}, str(folder / "sparsity.safetensors"))  # SAELens: log10
     return folder
 
 
@@ -82,6 +84,19 @@ def test_import_writes_a_run_that_eval_and_features_use(saelens_folder, tmp_path
     assert 0 < card["core"]["fvu"] < 1 and card["core"]["l0"] == pytest.approx(K)
     assert torch.isfinite(torch.tensor(card["downstream"]["ce_loss_recovered"]))
     assert (build_features(FeaturesConfig(run_dir=out)) / "index.json").is_file()
+    # the app shows where it came from, and the densities its source states
+    from streamlit.testing.v1 import AppTest
+
+    import app
+
+    at = AppTest.from_file(str(Path(app.__file__).parent / "streamlit_app.py"), default_timeout=90)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAEWB_RUNS_DIR", str(out.parent))
+        at.run()
+        assert not at.exception and any("Imported with `saewb import`" in i.value for i in at.info)
+        at.query_params["latent"] = "127"
+        at.switch_page("views/feature.py").run()
+        assert not at.exception and any("source states a density of 10.000%" in c.value for c in at.caption)
 
 
 def test_wrong_hook_fails_the_check_and_writes_nothing(saelens_folder, tmp_path, capsys):
