@@ -75,8 +75,10 @@ if stated is not None and latent < len(stated):
 if not record["top"]:
     st.warning("This latent never fired on the cached tokens (dead).")
 
-tab_top, tab_q, tab_hist, tab_lens, tab_nb = st.tabs(["Top contexts", "Quantile samples", "Histogram",
-                                                      "Logit lens", "Neighbours"])
+heads_run = str(store.index.get("hook", "")).endswith("attn.hook_z")  # the Heads tab: hook_z runs only
+tabs = st.tabs(["Top contexts", "Quantile samples", "Histogram", "Logit lens", "Neighbours"]
+               + (["Heads"] if heads_run else []))
+tab_top, tab_q, tab_hist, tab_lens, tab_nb = tabs[:5]
 with tab_top:
     scale = record["top"][0]["value"] if record["top"] else None
     st.markdown("".join(common.highlight(e["tokens"], e["acts"], scale, e["centre"]) for e in record["top"]),
@@ -119,3 +121,28 @@ with tab_lens:
 with tab_nb:
     st.markdown("Nearest latents by decoder cosine similarity:")
     st.markdown("\n".join(f"- {common.feature_link(n['latent'])}: cos {n['cos']:.3f}" for n in record["neighbours"]))
+if heads_run:  # direct feature attribution by head and source token (analysis/attn_dfa.py, docs/methods.md §10.6)
+    from analysis.attn_dfa import context_dfa, context_tokens, heads_figures
+
+    with tabs[5]:
+        top = record["top"]
+        if not top:
+            st.caption("No top context to attribute: the latent never fired.")
+        else:
+            pick = st.selectbox("Top context", range(len(top)), key="heads_context", format_func=lambda i: (
+                f"#{i + 1}: {top[i]['value']:.3g} on {top[i]['tokens'][top[i]['centre']]!r}"))
+            example = top[pick]
+            ids, whole = context_tokens(store.index.get("cache"), example["row"], example["token_ids"],
+                                        example["centre"])
+            model, sae = common.model_and_sae(store.index["model"], str(run.path))
+            result = context_dfa(model, sae, store.index["hook"], ids, latent)
+            st.caption(f"Latent {latent}'s pre-activation {result['pre_act']:.4g} at the centre token = per-head "
+                       f"parts {float(result['heads'].sum()):.4g} + bias {result['bias']:.4g} (b_enc - w.b_dec); "
+                       f"activation {result['code']:.4g}, stored {example['value']:.4g}. Each head's part splits "
+                       "over source tokens through its attention pattern. " + (
+                           "Recomputed on the whole cached context." if whole else
+                           "Recomputed on the stored window only (the cache is not readable here), so the "
+                           "numbers can differ from the stored activation."))
+            bar, heat = heads_figures(result)
+            st.plotly_chart(bar, width="stretch")
+            st.plotly_chart(heat, width="stretch")
