@@ -8,6 +8,16 @@ from app import common
 
 st.title("Circuits")
 run = common.require_run()
+from analysis.patch_free import graph_figure as patch_free_figure, load_patch_free  # noqa: E402 (methods §10.3)
+
+patch_free = load_patch_free(run.path)
+if patch_free is not None:
+    with st.expander(f"Patch-free circuit: {patch_free['target']['label']}", expanded=run.circuit() is None):
+        st.caption("Traced without patching (He et al. 2024): frozen norms; OV with the attention pattern fixed; QK "
+                   "pairs split half-half; MLP terms are gradient x activation, an APPROXIMATION whose miss is its own "
+                   "node. " + "; ".join(f"{c['node']}: {c['value']:.4g} = parts {c['sum_of_parts']:.4g}"
+                                        for c in patch_free["checks"][:3]))
+        st.plotly_chart(patch_free_figure(patch_free), use_container_width=True)
 graph = run.circuit()
 if graph is None:
     st.info(f"No circuit for this run yet: run `saewb circuits --run-dir {run.path} --task sva` (tasks: ioi, "
