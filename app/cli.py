@@ -69,7 +69,7 @@ def n_layers_of(model_name: str) -> int:
 def run_cache(cfg: CacheConfig) -> None:
     from training.caching import cache_activations
 
-    folder = cache_activations(cfg)
+    folder = cache_activations(cfg, verify=True)  # "ready" means every shard matches its checksum
     manifest = json.loads((folder / "manifest.json").read_text())
     print(f"Cache ready: {folder}")
     for hook, stats in manifest["stats"].items():

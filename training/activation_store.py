@@ -5,13 +5,22 @@ A cache is a content-addressed folder `<root>/activations/<key>/`:
   and per hook `acts.<hook>` [contexts*ctx, d] (store dtype), `norms.<hook>` [contexts*ctx] float32 and
   optionally `grads.<hook>` [contexts*ctx, d] (gradient of the summed next-token loss w.r.t. the activation).
 - `progress.json`: shards finished so far with their sha256 (what a resumed run continues from).
-- `manifest.json`: written last, atomically; a folder without it is incomplete and never read as valid.
+- `manifest.json`: written last, atomically; a folder without it is incomplete and never read as valid. It carries
+  its own sha256 (`checksum`), so a hand-edited manifest is refused rather than trusted.
+- `.lock`: held (fcntl.flock) by the process writing the cache, so two writers never interleave shards; the
+  kernel drops it when that process dies, so a killed job leaves nothing stuck.
 Training batches exclude special tokens and outlier-norm tokens (norm > outlier_factor x the median norm).
 """
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import signal
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +28,9 @@ from safetensors import safe_open
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+LOCK = ".lock"
 FORMAT_VERSION = 1
+FAILPOINT_ENV = "SAEWB_FAILPOINT"
 
 
 def shard_name(index: int) -> str:
@@ -40,14 +51,138 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data, advice: str | None = None) -> None:
+    """Write JSON under a temporary name, flush it to disk and rename it over `path`: readers see the old file or
+    the new one, never half of one. A failed write (disk full) removes the temporary file and names the folder."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(data, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(error, path, advice or f"the previous {path.name} (if any) is intact; free space in "
+                                                 f"{path.parent} and run the same command again") from None
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def write_error(error: BaseException, path: Path, advice: str) -> OSError:
+    """One sentence for a write that failed (disk full, file-size limit, I/O error) naming the file and its folder;
+    `advice` says what was kept and how to go on."""
+    text = getattr(error, "strerror", None) or (str(error).splitlines()[0] if str(error) else type(error).__name__)
+    full = (isinstance(error, OSError) and error.errno in DISK_FULL) or any(
+        word in text.lower() for word in ("too large", "no space", "quota"))
+    reason = f"{text}: the disk is full or a file-size limit was hit" if full else text
+    wrapped = OSError(f"Could not write {Path(path).name} in {Path(path).parent} ({reason}): {advice}.")
+    wrapped.errno = getattr(error, "errno", None) or errno.EIO
+    return wrapped
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def require_free(folder: Path, needed: int, what: str, advice: str) -> None:
+    """Pre-flight space check: an OSError naming the folder when `needed` bytes are not free there."""
+    free = free_bytes(folder)
+    if needed > free:
+        raise OSError(f"{what} needs about {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB is free at {folder}: "
+                      f"{advice}.")
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for tests/faults: with $SAEWB_FAILPOINT=NAME or NAME:N the process SIGKILLs itself the N-th
+    time (default 1) it passes failpoint NAME, so a test can kill a job exactly between two writes. Inert otherwise."""
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec:
+        return
+    wanted, _, count = spec.partition(":")
+    if wanted != name:
+        return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] >= int(count or 1):
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAILPOINT_HITS: dict[str, int] = {}
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+@contextmanager
+def folder_lock(folder: Path, *, busy_message: str | None = None, waiting_message: str | None = None):
+    """Hold `folder/.lock` (fcntl.flock, exclusive) for the block. The kernel releases it when the holder exits or
+    is killed, so no stale lock survives a crash. When another process holds it: with `busy_message` raise
+    FolderBusyError (the text may use {holder}); otherwise print `waiting_message` to stderr and wait."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(path)
+            if busy_message is not None:
+                raise FolderBusyError(busy_message.format(holder=holder)) from None
+            if waiting_message:
+                print(waiting_message.format(holder=holder), file=sys.stderr, flush=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:  # who holds it, for the other process's message; informational only (may fail on a full disk)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError:
+            pass
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `checksum` field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class CacheError(ValueError):
     """A cache that cannot be used as asked; the message says how to fix it."""
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json, refused with one sentence when it is not valid JSON or no longer matches its checksum."""
+    fix = f"delete the folder {path.parent} and run the same `saewb cache` command again"
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CacheError(f"Cache manifest {path} is not valid JSON (truncated or edited): {fix}.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list) or "key_fields" not in manifest:
+        raise CacheError(f"Cache manifest {path} lacks its shard list or key fields (edited by hand?): {fix}.")
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+        raise CacheError(f"Cache manifest {path} was changed after it was written (its checksum no longer matches): "
+                         f"{fix}.")
+    return manifest
 
 
 class ActivationCache:
@@ -60,7 +195,7 @@ class ActivationCache:
             hint = " (it is incomplete: run the same `saewb cache` command again to finish it)" if (
                 self.path / PROGRESS).is_file() else ""
             raise CacheError(f"{self.path} is not a finished activation cache{hint}.")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(manifest_path)
         self.verify = verify
         self._verified: set[int] = set()
         if model is not None and self.manifest["key_fields"]["model"] != model:
@@ -110,11 +245,12 @@ class ActivationCache:
             return
         entry = self.manifest["shards"][index]
         path = self.path / entry["file"]
-        if not path.is_file() or file_sha256(path) != entry["sha256"]:
-            raise CacheError(
-                f"Shard {path} is missing or corrupted (checksum mismatch): delete the folder {self.path} and run "
-                "`saewb cache` again."
-            )
+        fix = f"delete the folder {self.path} and run the same `saewb cache` command again"
+        if not path.is_file():
+            raise CacheError(f"Shard {path} is missing (manifest.json lists it): {fix}.")
+        if file_sha256(path) != entry["sha256"]:
+            raise CacheError(f"Shard {path} is corrupted (its sha256 differs from manifest.json's: truncated or "
+                             f"altered): {fix}.")
         self._verified.add(index)
 
     def read(self, index: int, name: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Write an activation cache: run the hooked model over a corpus and store activations shard by shard.
 
 Resumable: each shard is written to a temporary name, renamed, and recorded with its checksum in
-`progress.json`; a rerun of the same command skips recorded shards. The manifest is written last.
+`progress.json`; a rerun of the same command skips recorded shards. The manifest is written last. The folder is
+locked while it is written, so two commands caching the same key never interleave shards.
 """
 import json
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -124,18 +125,22 @@ def check_disk(folder: Path, needed: int) -> None:
         )
 
 
-def cache_activations(cfg: CacheConfig, model=None, progress: bool = True) -> Path:
-    """Create (or finish) the cache described by `cfg` and return its folder."""
-    cfg.validate()
-    cfg.model = canonical_name(cfg.model)
-    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    check_hooks(model, cfg.hooks)
-    key_fields = cfg.key_fields(tokenizer_name=f"{type(model.tokenizer).__name__}:{len(model.tokenizer)}")
-    folder = default_folder(cfg, key_fields)
-    manifest_path, progress_path = folder / store.MANIFEST, folder / store.PROGRESS
-    for path in (manifest_path, progress_path):
+def read_state(path: Path) -> dict:
+    """progress.json or manifest.json as written by this module; one sentence when it is unreadable."""
+    if path.name == store.MANIFEST:
+        return store.read_manifest(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise store.CacheError(f"{path} is not valid JSON (edited by hand?): delete the folder {path.parent} and run "
+                               "the same `saewb cache` command again.") from None
+
+
+def check_key(folder: Path, key_fields: dict) -> None:
+    """A folder already holding (part of) a cache with other key fields is refused."""
+    for path in (folder / store.MANIFEST, folder / store.PROGRESS):
         if path.is_file():
-            found = json.loads(path.read_text())["key_fields"]
+            found = read_state(path)["key_fields"]
             if found != key_fields:
                 changed = sorted(k for k in key_fields if found.get(k) != key_fields[k])
                 raise store.CacheError(
@@ -143,33 +148,89 @@ def cache_activations(cfg: CacheConfig, model=None, progress: bool = True) -> Pa
                     f"(e.g. model {found.get('model')!r}, hooks {found.get('hooks')}): use another --out folder "
                     "or delete this one."
                 )
+
+
+def finished_at_out(cfg: CacheConfig) -> Path | None:
+    """The --out folder when it already holds a finished cache of `cfg` (every key field equal; the tokenizer, which
+    only the loaded model tells, is the one the model fingerprint implies): then no model needs loading."""
+    if cfg.out is None or not (Path(cfg.out) / store.MANIFEST).is_file():
+        return None
+    manifest = read_state(Path(cfg.out) / store.MANIFEST)
+    found = manifest["key_fields"]
+    return Path(cfg.out) if found == cfg.key_fields(tokenizer_name=found.get("tokenizer")) else None
+
+
+def verified(folder: Path) -> Path:
+    """A finished cache folder after checking every shard against its sha256 (CacheError naming a bad one)."""
+    cache = store.ActivationCache(folder)
+    for index in range(cache.n_shards):
+        cache._check(index)
+    return folder
+
+
+def cache_activations(cfg: CacheConfig, model=None, progress: bool = True, verify: bool = False) -> Path:
+    """Create (or finish) the cache described by `cfg` and return its folder; with `verify`, a cache found finished
+    has every shard's checksum checked first (training checks each shard as it reads it anyway).
+
+    The folder is locked while shards are written: a second writer of the same cache waits, then finds it finished
+    (or continues it where a killed one stopped); a finished cache is read without the lock."""
+    cfg.validate()
+    cfg.model = canonical_name(cfg.model)
+    if model is None and (done_folder := finished_at_out(cfg)) is not None:
+        return verified(done_folder) if verify else done_folder
+    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    check_hooks(model, cfg.hooks)
+    key_fields = cfg.key_fields(tokenizer_name=f"{type(model.tokenizer).__name__}:{len(model.tokenizer)}")
+    folder = default_folder(cfg, key_fields)
+    manifest_path, progress_path = folder / store.MANIFEST, folder / store.PROGRESS
+    check_key(folder, key_fields)
     if manifest_path.is_file():
-        return folder
-    state = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key_fields": key_fields, "shards": []}
-    done = len(state["shards"])
+        return verified(folder) if verify else folder
     contexts = token_contexts(model.tokenizer, cfg.corpus, cfg.context_length, cfg.n_contexts, cfg.text_column)
     special_ids = torch.tensor(special_token_ids(model.tokenizer))
     n_shards = math.ceil(cfg.n_contexts / cfg.contexts_per_shard)
     probe, _ = hooked_forward(model, contexts[:1].to(cfg.device), cfg.hooks, gradients=False)
     width = sum(a.shape[-1] for a in probe.values())  # floats per token over all hooks
     per_token = width * DTYPES[cfg.dtype].itemsize * (2 if cfg.gradients else 1) + 4 * len(cfg.hooks) + 5
+    done = len(read_state(progress_path)["shards"]) if progress_path.is_file() else 0
     check_disk(folder, int(1.1 * per_token * (cfg.n_contexts - done * cfg.contexts_per_shard) * cfg.context_length))
-    store.write_json_atomic(progress_path, state)
+    with store.folder_lock(folder, waiting_message=f"saewb: waiting for {{holder}}, which is writing the cache {folder}"
+                                                   "; this command continues when it is done."):
+        check_key(folder, key_fields)  # the other writer may have finished it meanwhile
+        if manifest_path.is_file():
+            return folder
+        for stale in folder.glob(".shard_*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+        state = read_state(progress_path) if progress_path.is_file() else {"key_fields": key_fields, "shards": []}
+        done = len(state["shards"])
+        store.write_json_atomic(progress_path, state)
+        with tqdm(total=cfg.n_contexts * cfg.context_length,
+                  initial=done * cfg.contexts_per_shard * cfg.context_length, unit="tok", unit_scale=True,
+                  desc=f"cache {cfg.model}", disable=not progress, dynamic_ncols=True) as bar:  # closed before errors
+            for index in range(done, n_shards):
+                rows = contexts[index * cfg.contexts_per_shard:(index + 1) * cfg.contexts_per_shard]
+                tensors = shard_tensors(model, rows, cfg, special_ids, bar)
+                path = folder / store.shard_name(index)
+                write_shard(tensors, path, done=index)
+                store.failpoint("cache.shard_renamed")  # tests: a shard on disk that progress.json does not list yet
+                state["shards"].append({"file": path.name, "sha256": store.file_sha256(path), "contexts": len(rows)})
+                store.write_json_atomic(progress_path, state)
+        store.failpoint("cache.before_manifest")
+        finalise(folder, state, cfg, model)
+    return folder
 
-    bar = tqdm(total=cfg.n_contexts * cfg.context_length, initial=done * cfg.contexts_per_shard * cfg.context_length,
-               unit="tok", unit_scale=True, desc=f"cache {cfg.model}", disable=not progress, dynamic_ncols=True)
-    for index in range(done, n_shards):
-        rows = contexts[index * cfg.contexts_per_shard:(index + 1) * cfg.contexts_per_shard]
-        tensors = shard_tensors(model, rows, cfg, special_ids, bar)
-        path = folder / store.shard_name(index)
-        tmp = folder / f".{path.name}.tmp"
+
+def write_shard(tensors: dict, path: Path, done: int) -> None:
+    """Write one shard under a temporary name and rename it into place; a failed write leaves no partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
         save_file(tensors, str(tmp))
         tmp.replace(path)
-        state["shards"].append({"file": path.name, "sha256": store.file_sha256(path), "contexts": len(rows)})
-        store.write_json_atomic(progress_path, state)
-    bar.close()
-    finalise(folder, state, cfg, model)
-    return folder
+    except (OSError, SafetensorError) as error:
+        tmp.unlink(missing_ok=True)
+        raise store.write_error(error, path, f"the {done} finished shard(s) are kept; free space in {path.parent} "
+                                             "(or point SAEWB_CACHE / --out at a larger disk) and run the same "
+                                             "command again to continue") from None
 
 
 def shard_tensors(model, rows: torch.Tensor, cfg: CacheConfig, special_ids: torch.Tensor, bar) -> dict:
@@ -226,5 +287,6 @@ def finalise(folder: Path, state: dict, cfg: CacheConfig, model) -> None:
         "n_contexts": sum(entry["contexts"] for entry in state["shards"]), "outlier_factor": cfg.outlier_factor,
         "shards": state["shards"], "stats": stats, "config": json.loads(json.dumps(asdict(cfg), default=str)),
     }
-    store.write_json_atomic(folder / store.MANIFEST, manifest)
-    (folder / "config.json").write_text(json.dumps(manifest["config"], indent=2))
+    manifest["checksum"] = store.manifest_checksum(manifest)
+    store.write_json_atomic(folder / "config.json", manifest["config"])
+    store.write_json_atomic(folder / store.MANIFEST, manifest)  # last: the folder's "finished" mark
