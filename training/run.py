@@ -21,9 +21,11 @@ from saes import ARCHITECTURES, build_sae, load_sae, sae_class, save_sae
 from saes.base import SAE
 from saes.thresholds import ThresholdCalibrator
 from training import distributed as dist
-from training.activation_store import ActivationCache
+from training.activation_store import (LOCK, ActivationCache, failpoint, folder_lock, require_free, write_error,
+                                       write_json_atomic)
 from training.caching import CacheConfig, cache_activations
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (estimate_bytes, latest_checkpoint, list_checkpoints, remove_partial,
+                                 resume_checkpoint, save_checkpoint)
 from training.loaders import cache_batches, model_batches
 from training.logger import WANDB_MODES, RunLogger
 from training.trainer import LoopConfig, NonFiniteLossError, Trainer
@@ -177,24 +179,75 @@ def prepare_run_dir(cfg: TrainConfig, config: dict) -> str:
     """'done' (same job finished), 'resume' (same job, a checkpoint exists) or 'fresh'."""
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != config:
+    if saved.is_file() and read_run_json(saved) != config:
         if not cfg.overwrite:
             raise ValueError(f"{run_dir} holds a different training job: pass another --run-dir, or --overwrite.")
         import shutil
 
-        shutil.rmtree(run_dir)
+        for child in run_dir.iterdir():  # everything but the lock this process holds
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     if saved.is_file() and all((f / "summary.json").is_file() for f in sae_folders(cfg).values()):
         return "done"
     return "resume" if saved.is_file() and latest_checkpoint(run_dir) else "fresh"
 
 
+def read_run_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON (truncated or edited by hand): delete it, or pass another "
+                         "--run-dir.") from None
+
+
+def run_lock(cfg: TrainConfig):
+    """The run folder's lock (main rank only): a second `saewb train` into a folder in use is refused; the kernel
+    releases it when the holder exits or is killed."""
+    if not dist.is_main():
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return folder_lock(Path(cfg.run_dir), busy_message=(
+        f"{cfg.run_dir} is in use by another `saewb train` ({{holder}}): wait for it to finish, or pass another "
+        "--run-dir."))
+
+
+def check_space(cfg: TrainConfig, trainer: Trainer) -> None:
+    """Pre-flight: room for --keep-checkpoints checkpoints plus the one being written, and the final SAE folders."""
+    final = sum(sum(p.numel() * p.element_size() for p in s.sae.parameters()) for s in trainer.states.values())
+    new_checkpoints = max(1, cfg.keep_checkpoints + 1 - len(list_checkpoints(cfg.run_dir)))  # resumed: some exist
+    needed = new_checkpoints * estimate_bytes(trainer) + int(1.1 * final)
+    require_free(cfg.run_dir, needed, f"Training into {cfg.run_dir} ({cfg.keep_checkpoints} checkpoint(s) kept)",
+                 "free space, lower --keep-checkpoints, or pass a --run-dir on a larger disk")
+
+
+def save_final(sae: SAE, folder: Path) -> None:
+    """The SAE folder (weights before cfg.json, each renamed into place); a failed write names the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        save_sae(sae, folder)
+    except (OSError, SafetensorError) as error:
+        raise write_error(error, Path(folder) / "sae_weights.safetensors",
+                          "the final checkpoint is kept; free space there and run the same command again to write "
+                          "the SAE from it") from None
+
+
 def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict]:
-    """Run the job; returns {sae name: summary}. Skips work a previous run of the same job already did."""
+    """Run the job; returns {sae name: summary}. Skips work a previous run of the same job already did.
+    The run folder is locked for the whole job: a second `saewb train` into it is refused."""
     dist.init_from_env(cfg.cache.device)
     cfg.validate()
+    with run_lock(cfg):
+        return train_locked(cfg, model, progress)
+
+
+def train_locked(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict]:
     config = config_json(cfg)
     status = prepare_run_dir(cfg, config)
     folders = sae_folders(cfg)
+    if dist.is_main():
+        remove_partial(cfg.run_dir, [cfg.run_dir, *folders.values()])  # what a killed job left half-written
     if status == "done":
         return {name: json.loads((f / "summary.json").read_text()) | {"skipped": True} for name, f in folders.items()}
     hooks = cfg.train_hooks
@@ -246,15 +299,18 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
                          "--batch-size.")
     trainer = Trainer(saes, cfg.loop, steps)
     resumed_from = None
-    if status == "resume":
-        resumed_from = latest_checkpoint(cfg.run_dir)
-        trainer.load_state_dict(load_checkpoint(resumed_from))
+    if status == "resume":  # the newest checkpoint that reads back intact; damaged ones are reported and skipped
+        resumed_from, state = resume_checkpoint(cfg.run_dir)
+        if state is not None:
+            trainer.load_state_dict(state)
+    if dist.is_main():
+        check_space(cfg, trainer)
     run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from, make_batches)
     summaries = {}
     if dist.is_main():
         for name, (sae, hook) in saes.items():
             folder = folders[name]
-            save_sae(sae, folder)
+            save_final(sae, folder)
             summary = {"architecture": sae.architecture, "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                        "steps": trainer.step, "train_tokens": trainer.tokens, **trainer.timings,
                        "this_sae_seconds": trainer.states[name].seconds}
@@ -262,7 +318,8 @@ def train(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, dict
                 summary |= evaluate(load_sae(folder), cache, hook, eval_ids)
                 summary["eval_split"] = "held-out shards" if held_out else "training data (single-shard cache)"
                 summary["cache"] = str(cache_dir)
-            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            failpoint("train.before_summary")  # tests: final weights written, the "done" mark not yet
+            write_json_atomic(folder / "summary.json", summary)  # the run's "done" mark: whole or absent
             summaries[name] = summary
     return summaries
 
@@ -294,10 +351,10 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     run_dir = Path(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        write_json_atomic(run_dir / "config.json", config)
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text(json.dumps(config, indent=2))
+            write_json_atomic(folder / "config.json", config)
     wandb_id_file = run_dir / "wandb_id.txt"
     logger = RunLogger(folders if main else {}, config, wandb_mode=cfg.wandb if main else "off",
                        project=cfg.wandb_project, run_name=run_dir.name, wandb_dir=run_dir,
@@ -345,7 +402,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
         if main:
             save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
             for name, state in trainer.states.items():
-                save_sae(state.sae, folders[name])
+                save_final(state.sae, folders[name])
                 logger.log_artifact(name, folders[name])
     except NonFiniteLossError as error:
         last = latest_checkpoint(run_dir)
