@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from saes import ops
+from saes import sparse_topk as fast
 from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saes.thresholds import require_calibrated
 
@@ -55,6 +56,11 @@ class AbsTopKSAE(BatchTopKSAE):
             return ops.batch_topk_codes(pre_acts, self.cfg.k, signed=True)  # [batch, d_sae]
         require_calibrated(self)
         return pre_acts * (pre_acts.abs() > self.threshold)
+
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        if self.cfg.selection == "per_token":
+            return fast.Selection.topk(pre_acts.abs(), self.cfg.k)
+        return fast.Selection.batch_topk(pre_acts.abs(), self.cfg.k * pre_acts.shape[0])
 
     def aux_losses(self, pre_acts, codes, x_scaled, x_hat_scaled, dead_mask) -> dict[str, Tensor]:
         """AuxK (§1.5) with dead latents ranked by |u| and decoded with their sign."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from saes import ops
+from saes import sparse_topk as fast
 
 
 TOKEN_NORMS = ("none", "layer_norm", "constant_norm_rescale")
@@ -93,15 +94,39 @@ def check_k(k: int, d_sae: int, name: str = "k") -> None:
         raise ValueError(f"{name} must satisfy 0 < {name} <= d_sae={d_sae}, got {name}={k}.")
 
 
-@dataclass
 class SAEOutput:
-    """What `forward` returns. Losses are already weighted: `loss` is their sum."""
+    """What `forward` returns. Losses are already weighted: `loss` is their sum.
 
-    x_hat: Tensor  # [batch, d_in], raw (unscaled) space
-    codes: Tensor  # [batch, d_sae], dense; may be negative when the SAE is `signed`
-    pre_acts: Tensor | None  # [batch, d_sae] in the scaled space; None for MP-SAE
-    losses: dict[str, Tensor]
-    metrics: dict[str, Tensor]
+    x_hat [batch, d_in] is in raw (unscaled) space; pre_acts [batch, d_sae] in the scaled space (None for MP-SAE).
+    The fast path of the TopK family (saes/sparse_topk.py) returns its codes as `values` at the pairs of `selection`
+    (`indices [batch, m]`, or flat `indices [N]` with `offsets [batch]` for batch-level rules) and builds the dense
+    `codes` [batch, d_sae] only when something reads them; the dense path passes `codes` directly.
+    """
+
+    def __init__(self, x_hat: Tensor, codes: Tensor | None, pre_acts: Tensor | None, losses: dict[str, Tensor],
+                 metrics: dict[str, Tensor], *, values: Tensor | None = None, selection=None):
+        if codes is None and (values is None or selection is None):
+            raise ValueError("SAEOutput needs dense codes, or values with their selection.")
+        self.x_hat, self.pre_acts, self.losses, self.metrics = x_hat, pre_acts, losses, metrics
+        self._codes, self.values, self.selection = codes, values, selection
+
+    @property
+    def codes(self) -> Tensor:
+        """Dense codes [batch, d_sae]; may be negative when the SAE is `signed`. Built on first use on the fast path
+        (differentiable through `values`)."""
+        if self._codes is None:
+            self._codes = self.selection.to_dense(self.values)
+        return self._codes
+
+    @property
+    def indices(self) -> Tensor | None:
+        """Latent of each entry of `values` (fast path), else None."""
+        return None if self.selection is None else self.selection.indices
+
+    @property
+    def offsets(self) -> Tensor | None:
+        """Flat layout only: where each token's entries start in `values`/`indices` [batch]."""
+        return None if self.selection is None else self.selection.offsets
 
     @property
     def loss(self) -> Tensor:
@@ -218,6 +243,8 @@ class SAE(nn.Module):
         """Train-mode pass: codes, reconstruction, weighted losses and metrics. x: [batch, d_in] raw."""
         self._check_input(x)
         self._check_trainable()
+        if self.fast_path:
+            return self._fast_forward(x, dead_mask=dead_mask, grad=grad)
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         pre_acts = self.pre_acts(x_scaled)
         codes = self.select(pre_acts, train=True, x_scaled=x_scaled, grad=grad)
@@ -237,6 +264,47 @@ class SAE(nn.Module):
         if dead_mask is None or self.cfg.effective_aux_k == 0 or not bool(dead_mask.any()):
             return {}
         aux = ops.auxk_loss(pre_acts, x_scaled - x_hat_scaled, self.W_dec, dead_mask, self.cfg.effective_aux_k)
+        return {"auxk": self.cfg.aux_coef * aux}
+
+    # ---- fast path (TopK family, saes/sparse_topk.py) ---------------------------------------------------------
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        """The train-mode rule of `select` as (token, latent) pairs, from detached pre-activations [batch, d_sae].
+        A variant with a fast path defines it in the same class as its `select`."""
+        raise NotImplementedError
+
+    @property
+    def fast_path(self) -> bool:
+        """Training takes the fast path: the config asks for kernel 'sparse' and the class that defines `select`
+        also defines `select_sparse` (a subclass that changes `select` alone falls back to the dense path)."""
+        if getattr(self.cfg, "kernel", "dense") != "sparse":
+            return False
+        cls = type(self)
+        return _owner(cls, "select") is _owner(cls, "select_sparse")
+
+    def _fast_forward(self, x: Tensor, *, dead_mask: Tensor | None, grad: Tensor | None) -> SAEOutput:
+        """`forward` through saes/sparse_topk.py: the same selection, values, losses and gradients as the dense path,
+        with the encoder backward and the decode touching only the selected latents."""
+        x_scaled = x.to(self.W_enc.dtype) * self.input_scale
+        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+        selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
+        u = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection)
+        values = u if self.signed else u.relu()
+        x_hat_scaled = fast.sparse_decode(values, self.W_dec, selection) + self.b_dec
+        losses = {"mse": ops.mse_sum(x_scaled, x_hat_scaled)}
+        losses.update(self.fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask))
+        metrics = {"fvu": ops.fvu(x_scaled, x_hat_scaled).detach(),
+                   "l0": ((values != 0).sum() / selection.batch).float().detach()}
+        return SAEOutput(x_hat_scaled / self.input_scale, None, pre_acts, losses, metrics, values=values,
+                         selection=selection)
+
+    def fast_aux_losses(self, pre_acts: Tensor, x_centered: Tensor, x_scaled: Tensor, x_hat_scaled: Tensor,
+                        dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """`aux_losses` of the fast path: AuxK on the dead latents only, with no host sync. With a dead mask that
+        has no dead latent the term is present and exactly 0 (the dense path leaves it out)."""
+        if dead_mask is None or self.cfg.effective_aux_k == 0:
+            return {}
+        aux = fast.fast_auxk(pre_acts, x_centered, x_scaled - x_hat_scaled, self.b_dec, self.W_enc, self.b_enc,
+                             self.W_dec, dead_mask, self.cfg.effective_aux_k, signed=self.signed)
         return {"auxk": self.cfg.aux_coef * aux}
 
     def after_backward(self) -> None:
@@ -300,6 +368,11 @@ class SAE(nn.Module):
 
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Inverse of `extra_tensors`."""
+
+
+def _owner(cls: type, name: str) -> type | None:
+    """The first class of cls's MRO that defines `name` itself."""
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
 
 
 def require_nonnegative(sae: SAE, what: str) -> None:

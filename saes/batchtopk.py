@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from saes import ops
+from saes import sparse_topk as fast
 from saes.base import SAE, SAEConfig, check_k
 from saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saes.thresholds import require_calibrated
@@ -25,10 +26,16 @@ from saes.thresholds import require_calibrated
 class BatchTopKConfig(SAEConfig):
     k: int = 32
     """Mean active latents per token: a training batch keeps its k*batch largest activations."""
+    kernel: str = "sparse"
+    """Training path. 'sparse' (default): the fast path of saes/sparse_topk.py, where the k*batch kept (token, latent)
+    pairs are a flat list, so the encoder backward and the decode touch only them (AuxK only the dead latents);
+    'dense' (`--sae-options kernel dense`): the reference path through dense [batch, d_sae] codes. Same selection,
+    values and gradients."""
 
     def validate(self) -> None:
         super().validate()
         check_k(self.k, self.d_sae)
+        fast.check_kernel(self.kernel, None)
 
 
 class BatchTopKSAE(SAE):
@@ -48,6 +55,9 @@ class BatchTopKSAE(SAE):
             return ops.batch_topk_codes(pre_acts, self.cfg.k)  # [batch, d_sae]
         require_calibrated(self)
         return pre_acts * (pre_acts > self.threshold)  # per token: never batch-dependent
+
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        return fast.Selection.batch_topk(pre_acts.relu(), self.cfg.k * pre_acts.shape[0])
 
     @staticmethod
     def smallest_kept(codes: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saes import sparse_topk as fast
 from saes.topk import TopKConfig, TopKSAE
 
 GRAD_NORMALISATIONS = ("none", "per_token_unit", "batch_rms")
@@ -60,6 +61,18 @@ class GradientTopKSAE(TopKSAE):
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         if not train:
             return super().select(pre_acts, train=train, x_scaled=x_scaled, grad=grad)  # plain TopK (§8.3)
+        z = pre_acts.relu()  # [batch, d_sae]
+        with torch.no_grad():  # the score only picks indices; gradients flow through the kept z
+            indices = self.score(pre_acts, x_scaled, grad).topk(self.cfg.k, dim=-1, sorted=False).indices  # [batch, k]
+        return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))
+
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        with torch.no_grad():
+            return fast.Selection.topk(self.score(pre_acts, x_scaled, grad), self.cfg.k)
+
+    @torch.no_grad()
+    def score(self, pre_acts: Tensor, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
+        """The training selection score z + beta * z * |<d_i, g>| (§8.1), [batch, d_sae]; no autograd."""
         if grad is None:
             raise ValueError(
                 "gradient_topk trains on (x, grad) batches but got no gradient: build the activation cache with "
@@ -67,15 +80,12 @@ class GradientTopKSAE(TopKSAE):
             )
         if grad.shape != x_scaled.shape:
             raise ValueError(f"grad must have the activations' shape {tuple(x_scaled.shape)}, got {tuple(grad.shape)}.")
-        z = pre_acts.relu()  # [batch, d_sae]
-        with torch.no_grad():  # the score only picks indices; gradients flow through the kept z
-            grad = grad.to(pre_acts.dtype)
-            if self.cfg.grad_normalisation == "none":
-                g, rows = grad / self.input_scale, self.W_dec  # dL/d(s x) against the working-space rows
-            else:
-                g = normalise_grad(grad, self.cfg.grad_normalisation)
-                rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-            effect = (g @ rows.T).abs()  # [batch, d_sae], |<d_i, g>|
-            score = z + self.cfg.beta * z * effect
-            indices = score.topk(self.cfg.k, dim=-1, sorted=False).indices  # [batch, k]
-        return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))
+        z = pre_acts.detach().relu()
+        grad = grad.to(pre_acts.dtype)
+        if self.cfg.grad_normalisation == "none":
+            g, rows = grad / self.input_scale, self.W_dec  # dL/d(s x) against the working-space rows
+        else:
+            g = normalise_grad(grad, self.cfg.grad_normalisation)
+            rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        effect = (g @ rows.T).abs()  # [batch, d_sae], |<d_i, g>|
+        return z + self.cfg.beta * z * effect

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from saes import ops
+from saes import sparse_topk as fast
 from saes.base import SAE, SAEConfig, SAEOutput, check_k
 
 BUDGET_SETS = ("all", "pow2")
@@ -35,6 +36,10 @@ class HierarchicalTopKConfig(SAEConfig):
     """Budget `encode` uses at inference; None means k_max. Any k <= k_max is valid (prefix property, §5.1)."""
     loss_chunk: int = 1024
     """Tokens per chunk of the prefix loss, recomputed in backward: memory follows it, not the batch (0: off)."""
+    kernel: str = "sparse"
+    """Training path. 'sparse' (default): the fast path of saes/sparse_topk.py, where the encoder backward and the
+    decode touch only the k_max selected latents (AuxK only the dead ones); 'dense' (`--sae-options kernel dense`): the
+    reference path, gradients through the dense pre-activations. Same selection, prefix losses and gradients."""
 
     def validate(self) -> None:
         super().validate()
@@ -48,6 +53,7 @@ class HierarchicalTopKConfig(SAEConfig):
             raise ValueError(f"loss_chunk must be >= 0 (0 means no chunking), got {self.loss_chunk}.")
         if self.k is not None and not 0 < self.k <= self.k_max:
             raise ValueError(f"k must satisfy 0 < k <= k_max={self.k_max} (or be None for k_max), got k={self.k}.")
+        fast.check_kernel(self.kernel, None)
 
     @property
     def budget_list(self) -> list[int]:
@@ -113,25 +119,45 @@ class HierarchicalTopKSAE(SAE):
         values, indices = pre_acts.topk(self.cfg.k_max, dim=-1, sorted=True)  # sorted: prefix j = top-j (§5.5)
         return values.relu(), indices
 
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        """The top-k_max pairs in descending order of u per token (the prefix order, §5.5)."""
+        return fast.Selection.per_token(pre_acts.topk(self.cfg.k_max, dim=-1, sorted=True).indices, self.cfg.d_sae)
+
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
         """Train-mode pass. `mse` is the mean over j in J of the prefix-j error; codes and x_hat are at k_max."""
         self._check_input(x)
+        self._check_trainable()
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
-        pre_acts = self.pre_acts(x_scaled)
-        values, indices = self.sorted_topk(pre_acts)
-        codes = torch.zeros_like(pre_acts).scatter(-1, indices, values)
-        x_hat_scaled = ops.sparse_decode(indices, values, self.W_dec) + self.b_dec
+        if self.fast_path:
+            x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+            selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
+            indices = selection.indices
+            values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc,
+                                          selection).relu()
+            codes = None
+            x_hat_scaled = fast.sparse_decode(values, self.W_dec, selection) + self.b_dec
+        else:
+            pre_acts = self.pre_acts(x_scaled)
+            values, indices = self.sorted_topk(pre_acts)
+            codes = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+            x_hat_scaled = ops.sparse_decode(indices, values, self.W_dec) + self.b_dec
         errors = self.prefix_errors(x_scaled, values, indices)  # [batch, k_max]
         budgets = torch.tensor(self.cfg.budget_list, device=errors.device) - 1
         losses = {"mse": errors[:, budgets].mean().to(x_scaled.dtype)}
-        losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
+        if codes is None:
+            losses.update(self.fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask))
+        else:
+            losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
         curve = self._fvu_from_errors(errors.detach(), x_scaled)
         metrics = {
             "fvu": ops.fvu(x_scaled, x_hat_scaled).detach(),
-            "l0": (codes != 0).sum(-1).float().mean().detach(),
+            "l0": (values != 0).sum(-1).float().mean().detach(),
             # §5.5: report FVU at several k, not the K-averaged training loss.
             **{f"fvu_k{j}": curve[j - 1] for j in (2**i for i in range(self.cfg.k_max.bit_length()))},
         }
+        if codes is None:
+            return SAEOutput(x_hat_scaled / self.input_scale, None, pre_acts, losses, metrics, values=values,
+                             selection=selection)
         return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
 
     def prefix_errors(self, x_scaled: Tensor, values: Tensor, indices: Tensor) -> Tensor:

@@ -1,55 +1,258 @@
-"""A TopK training step whose work after the encoder matmul scales with k, not d_sae (docs/methods.md §2.1).
+"""The fast training path of the TopK family: after the dense encoder matmul, work scales with the selected latents
+(docs/methods.md §2.1 "Fast path").
 
-The dense step costs about 12·d·n FLOP per token: encoder forward, its two backward matmuls, decoder forward and
-its two backward matmuls. Here only the encoder forward stays dense (it is needed to choose the top k); the
-encoder backward touches the k selected rows (a sparse [n, batch] x [batch, d] product for W_enc, a gather-sum for
-the input), and the decoder is a gather-sum (`embedding_bag`) whose backward is also k rows per token.
-The dense path in `saes/base.py` is the reference; tests/saes/test_sparse_topk.py checks values and gradients.
+The dense step costs about 12·d·n FLOP per token: encoder forward, its two backward matmuls, decoder forward and its
+two backward matmuls. Here only the encoder forward stays dense (it is needed to choose the latents), computed
+without autograd. A `Selection` names the chosen (token, latent) pairs, either k per token (`indices [B, m]`) or a
+variable number per token for batch-level rules (flat `indices [N]` sorted by token, with `offsets [B]`); then
+
+* `gather_pre_acts` returns u at those pairs with a backward that touches only them: W_enc's gradient is a gather-sum
+  of the inputs per latent (`embedding_bag` over the pairs sorted by latent), b_enc's an `index_add`, b_dec's
+  -(grad b_enc) W_enc, and the input's (when it needs one) a gather-sum of encoder rows per token;
+* `sparse_decode` is the gather-sum Σ z_i d_i per token, whose backward is again one gather-sum per latent for
+  W_dec and a per-pair dot product for the values;
+* `fast_auxk` is AuxK (§1.5) on the dead latents only, through the same two functions, without a host sync.
+
+The selection rule of every variant is unchanged: it picks indices from the detached pre-activations exactly as its
+dense `select` does. The dense path (`kernel="dense"`) is the reference; tests/saes/test_fast_path.py checks that
+values and the gradients of every parameter agree in float64.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+KERNELS = ("sparse", "dense")
 
-class SparseTopKEncode(torch.autograd.Function):
-    """(x - b_dec) [B, d], W_enc [n, d], b_enc [n], k -> relu'd top-k values [B, k], indices [B, k], pre_acts [B, n].
 
-    pre_acts comes back detached: gradients reach W_enc and b_enc only through the selected values.
+def check_kernel(kernel: str, sparse_kernel: bool | None) -> str:
+    """Validate `kernel`, folding in the deprecated boolean `sparse_kernel` (True: 'sparse', False: 'dense')."""
+    if sparse_kernel is not None:
+        wanted = "sparse" if sparse_kernel else "dense"
+        if kernel != "sparse" and kernel != wanted:
+            raise ValueError(f"sparse_kernel={sparse_kernel} contradicts kernel={kernel!r}: sparse_kernel is replaced "
+                             "by kernel; pass only --sae-options kernel sparse|dense.")
+        kernel = wanted
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'sparse' (the fast path, default) or 'dense' (the reference path), "
+                         f"got {kernel!r}.")
+    return kernel
+
+
+@dataclass
+class LatentPlan:
+    """The selected pairs sorted by latent: what the gather-sums per latent of the backward need."""
+
+    order: Tensor  # [N] entry positions, latent-major
+    tokens: Tensor  # [N] token of each entry, in that order
+    offsets: Tensor  # [n] first sorted position of each latent (empty latents repeat the next start)
+
+
+class Selection:
+    """Chosen (token, latent) pairs of one batch.
+
+    Per-token layout: `indices [B, m]` (m latents per token), `offsets` None.
+    Flat layout: `indices [N]` sorted by token, `tokens [N]` their tokens, `offsets [B]` where each token starts.
     """
 
-    @staticmethod
-    def forward(ctx, x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
-        pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)  # [B, n]
-        values, indices = pre_acts.topk(k, dim=-1, sorted=False)  # [B, k]
-        positive = values > 0
-        ctx.save_for_backward(x_centered, W_enc, indices, positive)
-        ctx.mark_non_differentiable(indices, pre_acts)
-        return values.relu(), indices, pre_acts
+    def __init__(self, indices: Tensor, d_sae: int, *, tokens: Tensor | None = None, offsets: Tensor | None = None):
+        self.indices, self.d_sae, self.tokens, self.offsets = indices, d_sae, tokens, offsets
+        self._plan: LatentPlan | None = None
+
+    @classmethod
+    def per_token(cls, indices: Tensor, d_sae: int) -> "Selection":
+        return cls(indices, d_sae)
+
+    @classmethod
+    def topk(cls, scores: Tensor, k: int) -> "Selection":
+        """The k largest scores of each token (ties as torch.topk), indices in increasing order. scores: [B, n]."""
+        indices = scores.topk(k, dim=-1, sorted=False).indices
+        return cls(indices.sort(dim=-1).values, scores.shape[-1])
+
+    @classmethod
+    def batch_topk(cls, scores: Tensor, n_keep: int) -> "Selection":
+        """The n_keep largest scores of the whole batch (the rule of `ops.batch_topk_codes`). scores: [B, n]."""
+        flat = scores.flatten().topk(min(n_keep, scores.numel()), sorted=False).indices
+        return cls.from_flat(flat, scores.shape[0], scores.shape[1])
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, batch: int, d_sae: int) -> "Selection":
+        """From positions in the flattened [batch, d_sae] matrix (any order): sorted, so tokens are contiguous."""
+        flat = flat.sort().values
+        tokens, indices = flat // d_sae, flat % d_sae
+        offsets = torch.searchsorted(tokens, torch.arange(batch, device=flat.device, dtype=tokens.dtype))
+        return cls(indices, d_sae, tokens=tokens, offsets=offsets)
+
+    @property
+    def flat(self) -> bool:
+        return self.offsets is not None
+
+    @property
+    def batch(self) -> int:
+        return self.offsets.shape[0] if self.flat else self.indices.shape[0]
+
+    def entry_tokens(self) -> Tensor:
+        """[N] token of every entry (flattened per-token layout: token b owns entries b*m .. b*m + m - 1)."""
+        if self.flat:
+            return self.tokens
+        batch, m = self.indices.shape
+        return torch.arange(batch, device=self.indices.device).repeat_interleave(m)
+
+    def bag_offsets(self) -> Tensor:
+        """[B] start of each token's entries in the flattened order."""
+        if self.flat:
+            return self.offsets
+        batch, m = self.indices.shape
+        return torch.arange(0, batch * m, m, device=self.indices.device)
+
+    def plan(self) -> LatentPlan:
+        """Entries sorted by latent (stable, so every run sums in the same order); computed once, shared by the
+        encoder's and the decoder's backward."""
+        if self._plan is None:
+            latents, order = self.indices.reshape(-1).sort(stable=True)
+            offsets = torch.searchsorted(latents, torch.arange(self.d_sae, device=latents.device, dtype=latents.dtype))
+            self._plan = LatentPlan(order, self.entry_tokens()[order], offsets)
+        return self._plan
+
+    def gather(self, dense: Tensor) -> Tensor:
+        """dense [B, d_sae] at the selected pairs -> shaped like `indices`."""
+        if self.flat:
+            return dense[self.tokens, self.indices]
+        return dense.gather(-1, self.indices)
+
+    def bag_sum(self, weight: Tensor, per_entry: Tensor) -> Tensor:
+        """Σ_entries per_entry · weight[latent] per token: [B, weight.shape[1]]."""
+        per_entry = per_entry.to(weight.dtype)
+        if self.flat:
+            return F.embedding_bag(self.indices, weight, self.offsets, per_sample_weights=per_entry, mode="sum")
+        return F.embedding_bag(self.indices, weight, per_sample_weights=per_entry, mode="sum")
+
+    def latent_sum(self, rows: Tensor, per_entry: Tensor) -> Tensor:
+        """Σ_entries per_entry · rows[token] per latent: [d_sae, rows.shape[1]] (zero rows for unselected latents)."""
+        plan = self.plan()
+        weights = per_entry.reshape(-1)[plan.order].to(rows.dtype)
+        return F.embedding_bag(plan.tokens, rows, plan.offsets, per_sample_weights=weights, mode="sum")
+
+    def entry_dots(self, rows_per_token: Tensor, weight: Tensor) -> Tensor:
+        """<rows_per_token[token], weight[latent]> for every entry, shaped like `indices` (no [N, d] gather)."""
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            rows_per_token.contiguous(), weight, self.indices.reshape(-1), self.bag_offsets(), self.entry_tokens(), 0)
+        return dots.reshape(self.indices.shape)
+
+    def latent_total(self, per_entry: Tensor) -> Tensor:
+        """Σ per_entry over the entries of each latent: [d_sae]."""
+        out = torch.zeros(self.d_sae, dtype=per_entry.dtype, device=per_entry.device)
+        return out.index_add_(0, self.indices.reshape(-1), per_entry.reshape(-1))
+
+    def token_sum(self, per_entry: Tensor) -> Tensor:
+        """Σ per_entry over the entries of each token: [B]."""
+        if not self.flat:
+            return per_entry.sum(-1)
+        out = torch.zeros(self.batch, dtype=per_entry.dtype, device=per_entry.device)
+        return out.index_add_(0, self.tokens, per_entry)
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """Dense codes [B, d_sae] with `values` at the selected pairs (differentiable in `values`)."""
+        if self.flat:
+            dense = values.new_zeros(self.batch * self.d_sae)
+            return dense.index_put((self.tokens * self.d_sae + self.indices,), values).view(self.batch, self.d_sae)
+        return values.new_zeros(self.batch, self.d_sae).scatter(-1, self.indices, values)
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """u at the selected pairs, u = W_enc (s·x - b_dec) + b_enc; the dense u comes in already computed (detached)."""
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices, _grad_pre):
-        x_centered, W_enc, indices, positive = ctx.saved_tensors
-        batch, k = indices.shape
-        g = (grad_values * positive).to(W_enc.dtype)  # [B, k], ReLU gradient
-        rows = indices.reshape(-1)
-        grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")  # [B, d]
-        tokens = torch.arange(batch, device=indices.device).repeat_interleave(k)
-        selector = torch.sparse_coo_tensor(torch.stack([rows, tokens]), g.reshape(-1), (W_enc.shape[0], batch),
-                                           check_invariants=False)
-        grad_W = torch.sparse.mm(selector, x_centered)  # [n, d], only selected rows non-zero
-        grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, rows, g.reshape(-1))
-        return grad_x, grad_W, grad_b, None
+    def forward(ctx, pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+                selection: Selection) -> Tensor:
+        ctx.selection = selection
+        ctx.save_for_backward(x_centered, W_enc)
+        return selection.gather(pre_acts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_centered, W_enc = ctx.saved_tensors
+        selection: Selection = ctx.selection
+        grad = grad.to(W_enc.dtype)
+        needs = ctx.needs_input_grad
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        if needs[3]:
+            grad_W = selection.latent_sum(x_centered, grad)  # [n, d]
+        if needs[2] or needs[4]:
+            grad_b = selection.latent_total(grad)  # [n]
+            if needs[2]:
+                grad_b_dec = -(grad_b @ W_enc)  # Σ_tokens of -grad_x_centered, without forming it
+        if needs[1]:
+            grad_x = selection.bag_sum(W_enc, grad)  # [B, d]
+        return None, grad_x, grad_b_dec, grad_W, grad_b if needs[4] else None, None
 
 
-def sparse_topk_forward(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, k: int):
-    """Values [B, k], indices [B, k], detached pre_acts [B, n] and the reconstruction W_dec^T z [B, d] (no b_dec)."""
-    values, indices, pre_acts = SparseTopKEncode.apply(x_centered, W_enc, b_enc, k)
-    decoded = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
-    return values, indices, pre_acts, decoded
+class _SparseDecode(torch.autograd.Function):
+    """Σ_i z_i d_i per token over the selected latents (no b_dec): [B, d]."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, W_dec: Tensor, selection: Selection) -> Tensor:
+        ctx.selection = selection
+        ctx.save_for_backward(values, W_dec)
+        return selection.bag_sum(W_dec, values)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, W_dec = ctx.saved_tensors
+        selection: Selection = ctx.selection
+        grad_out = grad_out.to(W_dec.dtype).contiguous()
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = selection.entry_dots(grad_out, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = selection.latent_sum(grad_out, values)
+        return grad_values, grad_W, None
 
 
-def dead_pre_acts(pre_acts: Tensor, x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, dead_mask: Tensor) -> Tensor:
-    """pre_acts with the dead latents' columns recomputed with gradients, so AuxK (§1.5) trains exactly those."""
-    dead = dead_mask.nonzero().squeeze(-1)
-    live_part = pre_acts.detach()
-    return live_part.index_copy(1, dead, torch.addmm(b_enc[dead], x_centered, W_enc[dead].T))
+def gather_pre_acts(pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+                    selection: Selection) -> Tensor:
+    """The pre-activations at the selected pairs, differentiable in W_enc, b_enc, b_dec (and x) with a sparse
+    backward. pre_acts [B, n] detached; x_centered = s·x - b_dec computed from a detached b_dec (b_dec's encoder
+    gradient is added here)."""
+    return _GatherPreActs.apply(pre_acts.detach(), x_centered, b_dec, W_enc, b_enc, selection)
+
+
+def sparse_decode(values: Tensor, W_dec: Tensor, selection: Selection) -> Tensor:
+    """Σ z_i d_i per token: values shaped like selection.indices -> [B, d_in]. No b_dec."""
+    return _SparseDecode.apply(values, W_dec, selection)
+
+
+def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_centered, u): the dense encoder forward without autograd (its backward is `gather_pre_acts`'s).
+
+    x_centered = s·x - b_dec keeps x's autograd history (b_dec detached); u [B, n] is detached."""
+    x_centered = x_scaled - b_dec.detach()
+    with torch.no_grad():
+        pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)
+    return x_centered, pre_acts
+
+
+def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+              W_dec: Tensor, dead_mask: Tensor, k_aux: int, *, signed: bool = False) -> Tensor:
+    """`ops.auxk_loss` on the fast path, equal in value and gradients, with no host sync (§1.5).
+
+    The k_aux = min(aux_k, n) largest scores among dead latents are chosen (non-dead ones scored -inf); entries that
+    are not dead (fewer than k_aux dead latents) are zeroed, which is the dense rule's k_aux = min(aux_k, n_dead);
+    with no dead latent at all the loss is multiplied by 0, so it is 0 with zero gradients.
+    """
+    batch, d_sae = pre_acts.shape
+    k_aux = min(k_aux, d_sae)
+    with torch.no_grad():
+        scores = pre_acts.abs() if signed else pre_acts
+        indices = scores.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+        indices = indices.sort(dim=-1).values
+        valid = dead_mask[indices]  # [B, k_aux]
+    selection = Selection.per_token(indices, d_sae)
+    u = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection)
+    values = (u if signed else u.relu()) * valid
+    aux_hat = sparse_decode(values, W_dec, selection)  # [B, d_in]
+    residual = residual.detach()
+    numerator = (residual - aux_hat).pow(2).sum()
+    denominator = (residual - residual.mean(0, keepdim=True)).pow(2).sum()
+    return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0) * dead_mask.any()

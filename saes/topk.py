@@ -6,13 +6,13 @@ summed over d_in, so the 4k term is that same error at 4k, divided by 8: both sh
 so its weight relative to the main loss is sparsify's whatever the normalisation.
 """
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from saes import ops
-from saes.base import SAE, SAEConfig, SAEOutput, check_k
-from saes.sparse_topk import dead_pre_acts, sparse_topk_forward
+from saes import sparse_topk as fast
+from saes.base import SAE, SAEConfig, check_k
 
 
 @dataclass
@@ -21,14 +21,30 @@ class TopKConfig(SAEConfig):
     """Active latents per token."""
     multi_topk: bool = False
     """Add the reconstruction error at 4k divided by 8 so the SAE also works at larger k (Gao et al.; sparsify)."""
-    sparse_kernel: bool = False
-    """Train with the sparse path of saes/sparse_topk.py (same math, work after the encoder scales with k)."""
+    kernel: str = "sparse"
+    """Training path. 'sparse' (default): the fast path of saes/sparse_topk.py, where after the dense encoder matmul
+    the encoder backward and the decode touch only the k selected latents (AuxK only the dead ones); 'dense'
+    (`--sae-options kernel dense`): the reference path through dense [batch, d_sae] codes. Same selection, values
+    and gradients; inference is the same either way."""
+    sparse_kernel: bool | None = None
+    """Deprecated spelling of `kernel` (true: 'sparse', false: 'dense'); folded into `kernel` when the config is built."""
+
+    def __post_init__(self) -> None:
+        self.kernel = fast.check_kernel(self.kernel, self.sparse_kernel)
+        self.sparse_kernel = None
 
     def validate(self) -> None:
         super().validate()
         check_k(self.k, self.d_sae)
-        if self.sparse_kernel and self.multi_topk:
-            raise ValueError("sparse_kernel does not support multi_topk: turn one of them off.")
+        fast.check_kernel(self.kernel, None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TopKConfig":
+        """As SAEConfig's; an old cfg.json's `sparse_kernel: false` was the former default, not a request for the
+        dense path, so it is dropped."""
+        if data.get("sparse_kernel") is False:
+            data = {key: value for key, value in data.items() if key != "sparse_kernel"}
+        return super().from_dict(data)  # type: ignore[return-value]
 
 
 class TopKSAE(SAE):
@@ -39,23 +55,8 @@ class TopKSAE(SAE):
     def select(self, pre_acts: Tensor, *, train: bool, x_scaled: Tensor, grad: Tensor | None) -> Tensor:
         return ops.topk_codes(pre_acts, self.cfg.k)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
-        if not (self.cfg.sparse_kernel and torch.is_grad_enabled()) or type(self).select is not TopKSAE.select:
-            return super().forward(x, dead_mask=dead_mask, grad=grad)
-        self._check_input(x)
-        self._check_trainable()
-        x_scaled = x.to(self.W_enc.dtype) * self.input_scale
-        x_centered = x_scaled - self.b_dec
-        values, indices, pre_acts, decoded = sparse_topk_forward(x_centered, self.W_enc, self.b_enc, self.W_dec,
-                                                                 self.cfg.k)
-        x_hat_scaled = decoded + self.b_dec
-        codes = torch.zeros_like(pre_acts).scatter(-1, indices, values.detach())  # [batch, d_sae]
-        losses = {"mse": ops.mse_sum(x_scaled, x_hat_scaled)}
-        if dead_mask is not None and bool(dead_mask.any()) and self.cfg.effective_aux_k:
-            aux_pre = dead_pre_acts(pre_acts, x_centered, self.W_enc, self.b_enc, dead_mask)
-            losses.update(super().aux_losses(aux_pre, codes, x_scaled, x_hat_scaled, dead_mask))
-        metrics = {"fvu": ops.fvu(x_scaled, x_hat_scaled).detach(), "l0": (values > 0).sum(-1).float().mean()}
-        return SAEOutput(x_hat_scaled / self.input_scale, codes, pre_acts, losses, metrics)
+    def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
+        return fast.Selection.topk(pre_acts, self.cfg.k)
 
     def saelens_extra_cfg(self) -> dict:
         """SAELens's TopK reads k from cfg.json (its default, 100, would silently change the codes)."""
@@ -67,4 +68,13 @@ class TopKSAE(SAE):
             big_k = min(4 * self.cfg.k, self.cfg.d_sae)
             x_hat_big = ops.topk_codes(pre_acts, big_k) @ self.W_dec + self.b_dec
             losses["multi_topk"] = ops.mse_sum(x_scaled, x_hat_big) / 8  # same units as `mse` (§2.2)
+        return losses
+
+    def fast_aux_losses(self, pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask) -> dict[str, Tensor]:
+        losses = super().fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask)
+        if self.cfg.multi_topk:
+            selection = fast.Selection.topk(pre_acts, min(4 * self.cfg.k, self.cfg.d_sae))
+            u = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection)
+            x_hat_big = fast.sparse_decode(u.relu(), self.W_dec, selection) + self.b_dec
+            losses["multi_topk"] = ops.mse_sum(x_scaled, x_hat_big) / 8
         return losses
