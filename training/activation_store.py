@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -74,12 +75,15 @@ DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 def write_error(error: BaseException, path: Path, advice: str) -> OSError:
     """One sentence for a write that failed (disk full, file-size limit, I/O error) naming the file and its folder;
     `advice` says what was kept and how to go on."""
+    code = error.errno if isinstance(error, OSError) else None
     text = getattr(error, "strerror", None) or (str(error).splitlines()[0] if str(error) else type(error).__name__)
-    full = (isinstance(error, OSError) and error.errno in DISK_FULL) or any(
-        word in text.lower() for word in ("too large", "no space", "quota"))
-    reason = f"{text}: the disk is full or a file-size limit was hit" if full else text
+    found = re.search(r"os error (\d+)", text)  # safetensors (Rust) reports "I/O error: ... (os error 28)"
+    if code is None and found:
+        code = int(found.group(1))
+        text = os.strerror(code)
+    reason = f"{text}: the disk is full or a file-size limit was hit" if code in DISK_FULL else text
     wrapped = OSError(f"Could not write {Path(path).name} in {Path(path).parent} ({reason}): {advice}.")
-    wrapped.errno = getattr(error, "errno", None) or errno.EIO
+    wrapped.errno = code or errno.EIO
     return wrapped
 
 
