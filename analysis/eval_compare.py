@@ -398,7 +398,11 @@ def run_eval(cfg: EvalConfig, models: dict | None = None) -> list[dict]:
     out = Path(cfg.out) if cfg.out else default_out(runs)
     labels = labels_of(runs)
     pairs = stability_pairs(runs, cards, labels) if cfg.stability else []
-    figures = write_comparison(cards, out, labels, pairs)
+    try:
+        figures = write_comparison(cards, out, labels, pairs)
+    except OSError as error:  # a full disk: say where, and that the per-run report cards are already written
+        raise OSError(f"Could not write the comparison into {out} ({error.strerror or error}): free space there and run "
+                      "the same `saewb eval` again (each run's eval/metrics.json is already written).") from None
     print("\n" + short_table(cards, labels))
     for pair in pairs:
         print(f"stability {pair['a']} ~ {pair['b']}: mean matched |cos| {pair['mean_matched_cosine']:.3f}, "

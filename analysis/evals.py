@@ -24,7 +24,7 @@ from analysis.eval_downstream import (CONVENTIONS, DEFAULT_CONVENTION, check_con
                                       context_outliers, downstream, eval_contexts, loss_mask, recovered)
 from analysis.eval_synthetic import (matched_cosines, planted_benchmark, planted_recovery, run_stability,
                                      stability)
-from saes import load_sae
+from analysis.features import load_run_sae
 from saes.base import SAE
 from training.activation_store import ActivationCache, CacheError, write_json_atomic
 
@@ -72,9 +72,8 @@ def run_cache(run_dir: Path, summary: dict, hook: str, sae: SAE) -> ActivationCa
                          "unfinished): train from a cache (`saewb train`, the default --source cache) to evaluate it.")
     try:
         cache = ActivationCache(summary["cache"])
-    except CacheError as error:
-        raise ValueError(f"The run's activation cache is unusable ({error}): re-run its `saewb cache` command."
-                         ) from None
+    except CacheError as error:  # it names the file and the fix; say whose cache it is
+        raise CacheError(f"{run_dir}'s activation cache is unusable: {error}") from None
     if hook not in cache.hooks:
         raise ValueError(f"The SAE reads hook {hook!r} but the run's cache {cache.path} holds {cache.hooks}: evaluate "
                          "it against a cache of that hook.")
@@ -140,7 +139,7 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
     if max_contexts < 1:
         raise ValueError(f"--max-contexts must be at least 1, got {max_contexts}.")
     config, summary = run_config(run_dir), read_json(run_dir / "summary.json")
-    sae = load_sae(run_dir, device=device).eval()
+    sae = load_run_sae(run_dir, device=device).eval()  # a truncated weights file: one sentence naming it
     hook = sae.cfg.hook_name or summary.get("hook", "")
     cache = run_cache(run_dir, summary, hook, sae)
     shards, held_out = eval_shards(cache, int(config.get("holdout_shards", 1)))
@@ -216,8 +215,12 @@ def write_card(card: dict, folder: Path) -> None:
     write_json_atomic(folder / "metrics.json", card)  # the demo reuses it: never leave it half-written
     for stale in (folder / "figures").glob("*.json"):  # e.g. a budget curve from an earlier evaluation
         stale.unlink()
-    for name, figure in card_figures(card).items():
-        (folder / "figures" / f"{name}.json").write_text(figure.to_json())
+    try:
+        for name, figure in card_figures(card).items():
+            (folder / "figures" / f"{name}.json").write_text(figure.to_json())
+    except OSError as error:  # a full disk: the card is written; a partial figure is unreadable JSON, skipped
+        raise OSError(f"Could not write the report card's figures into {folder / 'figures'} "
+                      f"({error.strerror or error}): free space there and run the same `saewb eval` again.") from None
 
 
 def fmt(value, spec: str = ".4f") -> str:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tyro.conf import Positional
 
-from training.activation_store import write_json_atomic
+from training.activation_store import failpoint, require_free, write_error, write_json_atomic
 
 FEATURES_DIR = "features"
 INDEX = "index.json"
@@ -276,19 +276,45 @@ def run_facts(run_dir: Path) -> dict:
     return {"model": config["cache"]["model"], "hook": summary["hook"], "cache": summary["cache"]}
 
 
-def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
-    """Compute and save the feature store; returns its folder."""
+def load_run_sae(run_dir: Path, device: str = "cpu"):
+    """The run's SAE; one sentence naming the file and the fix when its weights cannot be read (truncated)."""
+    from safetensors import SafetensorError
+
     from saes import load_sae
+
+    try:
+        return load_sae(run_dir, device=device)
+    except SafetensorError as error:
+        weights = Path(run_dir) / "sae_weights.safetensors"
+        raise ValueError(f"{weights} cannot be read ({str(error).splitlines()[0][:120]}): it is truncated or "
+                         f"corrupted; delete it and {Path(run_dir) / 'summary.json'}, then run the same `saewb train` "
+                         "command again (it rewrites the weights from the final checkpoint).") from None
+
+
+def store_bytes(d_sae: int, signed: bool, cfg: FeaturesConfig, vocab: int) -> int:
+    """Size of the feature store's files, from the shapes `collect` and the lens produce (+10% and 1 MB)."""
+    width = cfg.left + cfg.right + 1
+    example = 4 + 8 + 2 * 4 * width  # value, row, window tokens and activations
+    per_latent = (cfg.top_n * example + cfg.bins * 8) * (2 if signed else 1) + cfg.samples * example + 40 * 4 + 80 + 32
+    return int(1.1 * (d_sae * per_latent + 32 * vocab)) + 2**20
+
+
+def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
+    """Compute and save the feature store; returns its folder. Checks the free space before the pass; a write
+    that fails (disk full) leaves no store that reads as valid (index.json, its "finished" mark, is written last)."""
     from training.activation_store import ActivationCache
     from training.model import load_model
 
     run_dir = Path(cfg.run_dir)
     facts = run_facts(run_dir)
-    sae = sae or load_sae(run_dir)
+    sae = sae or load_run_sae(run_dir)
     sae.eval()
     cache = ActivationCache(facts["cache"], hook=facts["hook"])
     if cfg.top_n < 1 or cfg.samples < 1 or cfg.left < 0 or cfg.right < 0 or cfg.bins < 2:
         raise ValueError("top_n and samples must be >= 1, left/right >= 0 and bins >= 2.")
+    out = features_dir(run_dir)
+    require_free(out, store_bytes(sae.cfg.d_sae, bool(sae.signed), cfg, 262_144), "The feature store",
+                 f"free space there or move the run folder {run_dir} to a larger disk")
     tensors = collect(sae, cache, facts["hook"], cfg)
     model = model or load_model(facts["model"])
     W_dec = sae.W_dec.detach()
@@ -297,14 +323,21 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
     if has_lens:
         tensors |= logit_lens(model, W_dec / sae.input_scale)
     tensors |= decoder_neighbours(W_dec)
-    out = features_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous() for name, t in tensors.items()}
     tensors = {name: (t.float() if t.dtype == torch.float64 else t) for name, t in tensors.items()}
     (out / INDEX).unlink(missing_ok=True)  # the index is the store's "finished" mark: gone until it is rewritten
-    save_file(tensors, str(out / f".{TENSORS}.tmp"))
-    os.replace(out / f".{TENSORS}.tmp", out / TENSORS)
-    (out / VOCAB).write_text(json.dumps(token_strings(model.tokenizer)))
+    unfinished = (f"no feature store is left in {out} that reads as valid; free space and run `saewb features "
+                  f"{run_dir}` again")
+    tmp = out / f".{TENSORS}.tmp"
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / TENSORS)
+    except Exception as error:  # OSError or safetensors' SafetensorError (a full disk, a size limit)
+        tmp.unlink(missing_ok=True)
+        raise write_error(error, out / TENSORS, unfinished) from None
+    failpoint("features.tensors_written")  # tests: tensors in place, vocab and index not yet
+    write_json_atomic(out / VOCAB, token_strings(model.tokenizer), unfinished)
     index = {
         "version": 1, "model": facts["model"], "hook": facts["hook"], "cache": facts["cache"],
         "architecture": sae.architecture, "signed": bool(sae.signed), "d_sae": sae.cfg.d_sae,
@@ -316,7 +349,7 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
         "shards": cfg.max_shards or cache.n_shards,
         "tensors": sorted(tensors),
     }
-    write_json_atomic(out / INDEX, index)
+    write_json_atomic(out / INDEX, index, unfinished)
     return out
 
 

@@ -23,9 +23,23 @@ def runs_dir() -> Path:
     return Path("runs")
 
 
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies in `root` (itself included)."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except OSError:
+        return False
+
+
+def served_runs(root: str | Path) -> list[str]:
+    """The run folders the app serves: those under `root` whose real location is inside it too (a symlink to a
+    folder elsewhere is left out), so nothing outside the runs folder it was given is ever read."""
+    return [str(p) for p in list_runs(root) if inside(p, root)]
+
+
 @st.cache_data(ttl=30, show_spinner=False)
 def cached_runs(root: str) -> list[str]:
-    return [str(p) for p in list_runs(root)]
+    return served_runs(root)
 
 
 def run_label(path: str, root: Path) -> str:
@@ -46,9 +60,12 @@ def sidebar() -> None:
         st.sidebar.warning("No runs found.")
         return
     labels = [run_label(r, root) for r in runs]
-    wanted = st.query_params.get("run")
+    wanted = st.query_params.get("run")  # only ever compared with the served runs' labels, never opened as a path
     if wanted in labels and "run_label" not in st.session_state:
         st.session_state["run_label"] = wanted
+    elif wanted and wanted not in labels:
+        st.sidebar.warning("The run asked for in the address (?run=) is not one under the runs folder; showing the "
+                           "runs found there.")  # the value itself is not echoed: it is untrusted text
     label = st.sidebar.selectbox("Run", labels, key="run_label")
     st.session_state["run_path"] = runs[labels.index(label)]
 
