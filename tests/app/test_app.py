@@ -215,7 +215,11 @@ def server(runs, tmp_path):
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=60)  # a loaded machine can take a while to stop streamlit
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
         log.close()
 
 
@@ -224,30 +228,31 @@ def server(runs, tmp_path):
 def test_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    wait = 90_000  # ms for every expect(): it ignores page.set_default_timeout; a loaded 2-core CI machine is slow
+    wait = 90_000  # ms for every wait below, each given explicitly: a loaded 2-core CI machine is slow
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        browser = p.chromium.launch(executable_path=CHROMIUM, timeout=wait, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--no-first-run", "--disable-sync"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{server}/feature?latent=3")
+            page.set_default_timeout(wait)  # and for anything not listed here
+            page.set_default_navigation_timeout(wait)
+            page.goto(f"{server}/feature?latent=3", timeout=wait)
             expect(page.get_by_text("Latent 3", exact=True)).to_be_visible(timeout=wait)
             expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
             search = page.get_by_label("Search latents by token")
-            search.fill("the")
-            search.press("Enter")
+            search.fill("the", timeout=wait)
+            search.press("Enter", timeout=wait)
             expect(page.get_by_text("Latents whose top examples centre on")).to_be_visible(timeout=wait)
-            page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
-            page.goto(f"{server}/live")
+            page.screenshot(path=str(tmp_path / "feature.png"), full_page=True, timeout=wait)
+            page.goto(f"{server}/live", timeout=wait)
             box = page.get_by_label("Text")
-            box.fill("Emma was very happy at Hartfield.")
-            box.press("Control+Enter")
+            box.fill("Emma was very happy at Hartfield.", timeout=wait)
+            box.press("Control+Enter", timeout=wait)
             expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
             assert page.locator("span.tok").count() >= 6
-            page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+            page.screenshot(path=str(tmp_path / "live.png"), full_page=True, timeout=wait)
         finally:
             browser.close()
     assert (tmp_path / "live.png").stat().st_size > 10_000
