@@ -65,6 +65,13 @@ class BatchTopKSAE(SAE):
         smallest = ops.min_kept(codes)
         return codes.new_tensor(torch.inf) if smallest is None else smallest
 
+    @staticmethod
+    def smallest_kept_values(values: Tensor) -> Tensor:
+        """`smallest_kept` from the kept values of the fast path's selection (any shape) -> []."""
+        magnitudes = values.detach().abs()
+        return magnitudes.masked_fill(magnitudes == 0, torch.inf).min() if magnitudes.numel() else \
+            magnitudes.new_tensor(torch.inf)
+
     # ---- export ---------------------------------------------------------------------------------------
     def extra_tensors(self) -> dict[str, Tensor]:
         """θ repeated per latent: the tensor layout of a SAELens JumpReLU (a negative value means not calibrated)."""

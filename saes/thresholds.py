@@ -40,8 +40,14 @@ class ThresholdCalibrator:
             x = x[0]
         sae = self.sae
         x_scaled = x.to(sae.W_enc.dtype) * sae.input_scale
-        codes = sae.select(sae.pre_acts(x_scaled), train=True, x_scaled=x_scaled, grad=None)  # [batch, d_sae]
-        smallest = sae.smallest_kept(codes).double()  # [] or [d_sae]; inf where nothing was kept
+        pre_acts = sae.pre_acts(x_scaled)
+        if sae.fast_path:  # the kept (token, latent) pairs only, no dense [batch, d_sae] codes
+            selection = sae.select_sparse(pre_acts, x_scaled=x_scaled, grad=None)
+            values = selection.gather(pre_acts)
+            smallest = sae.smallest_kept_values(values if sae.signed else values.relu()).double()
+        else:
+            codes = sae.select(pre_acts, train=True, x_scaled=x_scaled, grad=None)  # [batch, d_sae]
+            smallest = sae.smallest_kept(codes).double()  # [] or [d_sae]; inf where nothing was kept
         seen = torch.isfinite(smallest)
         self.total += torch.where(seen, smallest, 0.0)
         self.count += seen

@@ -1,8 +1,9 @@
 """Data-parallel helpers over torch.distributed (NCCL on GPUs, gloo on CPU); no-ops in a single process.
 
-Every rank holds the same SAE (same seed), reads its own shards, and after each backward the gradients are
-averaged, so the ranks stay identical; floating buffers (firing-rate EMAs) are averaged after each step.
-Launch with `torchrun --nproc-per-node N -m app.cli train ...`.
+Every rank holds the same SAE (same seed) and reads its own shards. The trainer wraps each SAE in
+DistributedDataParallel (`wrap`): gradients are averaged in buckets whose all-reduce starts as soon as their last
+gradient is ready, overlapped with the rest of the backward, so the ranks stay identical; floating buffers
+(firing-rate EMAs) are averaged after each step. Launch with `torchrun --nproc-per-node N -m app.cli train ...`.
 """
 import os
 
@@ -35,7 +36,23 @@ def init_from_env(device: str) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def wrap(module: torch.nn.Module, bucket_mb: float = 25.0) -> torch.nn.Module:
+    """The module itself in one process; else DistributedDataParallel around it: gradients averaged in buckets of
+    `bucket_mb` MB, each all-reduced as soon as it is complete, overlapped with the rest of the backward.
+
+    Buffers are not broadcast at each forward (the trainer averages floating buffers after each step); every
+    parameter takes part in every step's loss, so unused-parameter detection stays off."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, bucket_cap_mb=bucket_mb)
+
+
 def average_gradients(module: torch.nn.Module) -> None:
+    """One blocking all-reduce per parameter after the backward (the fallback for a module not wrapped by `wrap`)."""
     if not is_distributed():
         return
     size = world_size()
@@ -79,6 +96,12 @@ def min_over_ranks(value: int) -> int:
     tensor = torch.tensor([value])
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def min_over_ranks_(tensor: torch.Tensor) -> None:
+    """In place: the element-wise minimum of this tensor over ranks (no host read)."""
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
 
 
 def barrier() -> None:

@@ -1,5 +1,9 @@
 """Run metrics: always to `metrics.jsonl` in each SAE's run folder (the source of truth the app reads), and
 mirrored to Weights & Biases when it is on (offline by default; wandb is imported only here, lazily).
+
+Records arrive every step with their losses and metrics still on the device (training.trainer.StepRecord); they are
+buffered and read back in one transfer at each W&B step (`to_wandb`), at `flush` and at `close`, so logging every
+step to metrics.jsonl costs no device sync per step.
 """
 import json
 import os
@@ -8,6 +12,8 @@ from pathlib import Path
 import torch
 
 WANDB_MODES = ("offline", "online", "off")
+MAX_PENDING = 1000
+"""Buffered lines written out even between W&B steps (a long --log-every does not hold records without bound)."""
 
 
 class RunLogger:
@@ -28,6 +34,7 @@ class RunLogger:
             self.files[name] = open(path, "w")
             self.files[name].writelines(line + "\n" for line in kept)
         self.prefix = len(folders) > 1
+        self.pending: list[tuple[str, dict]] = []  # (SAE name, line) not yet read back and written
         self.run = None
         if wandb_mode != "off":
             os.environ["WANDB_MODE"] = wandb_mode  # the env var (not only init's mode=) also silences analytics
@@ -49,14 +56,28 @@ class RunLogger:
         return f"{name}/{metric}" if self.prefix else metric
 
     def log(self, records: dict[str, dict], step: int, extra: dict | None = None, to_wandb: bool = True) -> None:
-        """records: {sae name: {metric: float}} for one step; `extra` (throughput) goes to every file."""
-        payload = {}
+        """records: {sae name: {metric: number or 0-dim tensor}} for one step; `extra` (throughput) goes to every
+        file. Buffered; written (and this step sent to W&B) when `to_wandb`, or at flush/close."""
         for name, record in records.items():
-            line = {k: v for k, v in record.items() if not k.startswith("_")} | (extra or {})
-            self.files[name].write(json.dumps(line) + "\n")
-            payload.update({self.key(name, k): v for k, v in line.items() if k != "step"})
-        if self.run is not None and to_wandb:
-            self.run.log(payload, step=step)
+            self.pending.append((name, {k: v for k, v in record.items() if not k.startswith("_")} | (extra or {})))
+        if to_wandb or len(self.pending) >= MAX_PENDING:
+            lines = self._write_pending()
+            if self.run is not None and to_wandb:
+                payload = {}
+                for name, line in lines[-len(records):] if records else []:
+                    payload.update({self.key(name, k): v for k, v in line.items() if k != "step"})
+                self.run.log(payload, step=step)
+
+    def _write_pending(self) -> list[tuple[str, dict]]:
+        """Read the buffered lines back in one transfer and append them to their files; returns them."""
+        from training.trainer import to_host
+
+        pending, self.pending = self.pending, []
+        lines = list(zip([name for name, _ in pending], to_host([line for _, line in pending])))
+        for name, line in lines:
+            if name in self.files:
+                self.files[name].write(json.dumps(line) + "\n")
+        return lines
 
     def log_histograms(self, name: str, per_token_l0: torch.Tensor, log10_density: torch.Tensor, step: int) -> None:
         """Per-token L0 (variable-sparsity variants) and feature density histograms, to W&B only."""
@@ -64,8 +85,8 @@ class RunLogger:
             return
         import wandb
 
-        self.run.log({self.key(name, "per_token_l0"): wandb.Histogram(per_token_l0.float().numpy()),
-                      self.key(name, "log10_feature_density"): wandb.Histogram(log10_density.float().numpy())},
+        self.run.log({self.key(name, "per_token_l0"): wandb.Histogram(per_token_l0.float().cpu().numpy()),
+                      self.key(name, "log10_feature_density"): wandb.Histogram(log10_density.float().cpu().numpy())},
                      step=step)
 
     def log_artifact(self, name: str, folder: Path) -> None:
@@ -80,12 +101,16 @@ class RunLogger:
         self.run.log_artifact(artifact)
 
     def flush(self) -> None:
+        self._write_pending()
         for handle in self.files.values():
             handle.flush()
 
     def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
+        try:
+            self._write_pending()
+        finally:
+            for handle in self.files.values():
+                handle.close()
         if self.run is not None:
             self.run.finish()
             self.run = None

@@ -194,3 +194,16 @@ def test_subclass_that_changes_select_alone_falls_back_to_dense():
 
     sae = Shifted(TopKSAE.config_cls(d_in=8, d_sae=32, k=4))
     assert not sae.fast_path
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "mutual_choice", "abstopk-batch"])
+def test_threshold_calibration_on_the_fast_path_equals_dense(variant):
+    from saes import calibrate_thresholds
+
+    architecture, fields = VARIANTS[variant]
+    dense, fast = pair(architecture, fields, seed=4)
+    batches = [batch(seed)[0] for seed in range(3)]
+    calibrate_thresholds(dense, batches)
+    calibrate_thresholds(fast, batches)
+    assert float(dense.threshold) > 0
+    torch.testing.assert_close(fast.threshold, dense.threshold)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from saes import build_sae, load_sae
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.run import TrainConfig, train
-from training.trainer import LoopConfig, Trainer
+from training.trainer import LoopConfig, NonFiniteLossError, Trainer
 from training.wandb_offline import offline_runs, read_history
 
 HOOK = "blocks.1.hook_resid_post"
@@ -158,3 +158,73 @@ def test_on_the_fly_source_trains_through_the_same_interface(tiny_model, tiny_ca
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["fvu"] < rows[0]["fvu"]
     assert load_sae(cfg.run_dir).cfg.hook_name == HOOK
+
+
+def test_non_finite_step_is_skipped_on_the_device_and_raised_at_the_next_read():
+    """The guard costs no sync per step: a NaN step changes no weight or Adam moment, and the error (naming it) comes
+    at the next read of the device flag, or from state_dict() before a checkpoint could hold anything after it."""
+    sae = build_sae("topk", d_in=8, d_sae=32, k=4)
+    trainer = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3, warmup_steps=1), 20, sync_every=5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        trainer.train_step({"x": torch.randn(16, 8, generator=generator)})
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    optimizer = trainer.states["a"].optimizer
+    moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in sae.parameters()]
+    trainer.train_step({"x": torch.full((16, 8), float("nan"))})  # step 3: no error yet, nothing read back
+    for name in ("W_enc", "b_enc", "b_dec"):
+        assert torch.equal(sae.state_dict()[name], before[name]), name
+    torch.testing.assert_close(sae.W_dec, before["W_dec"], atol=1e-6, rtol=0)  # renormalising unit rows again
+    for p, saved in zip(sae.parameters(), moments):
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        trainer.state_dict()
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 3"):
+        trainer.train_step({"x": torch.randn(16, 8, generator=generator)})  # step 4 ends at the read (every 5)
+
+
+@pytest.mark.parametrize("architecture, fields", [
+    ("topk", dict(k=4, multi_topk=True)), ("batchtopk", dict(k=4)), ("abstopk", dict(k=4)),
+    ("hierarchical_topk", dict(k_max=4)), ("gradient_topk", dict(k=4))])
+def test_training_steps_read_nothing_back_from_the_device(architecture, fields, monkeypatch):
+    """Between reads (every sync_every steps) a step of the fast path, AuxK on dead latents included, never converts
+    a tensor to a Python number: on a GPU nothing waits for the device."""
+    sae = build_sae(architecture, d_in=8, d_sae=64, **fields)
+    trainer = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3, warmup_steps=1, dead_tokens=32), 50, sync_every=100)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(16, 8, generator=generator)
+        return (x, torch.randn(16, 8, generator=generator)) if sae.uses_grad else x
+
+    for _ in range(3):  # latents die after 32 tokens: AuxK runs from step 2 on
+        trainer.train_step({"x": batch()})
+    trainer.sync()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training step read a tensor back to the host")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    records = [trainer.train_step({"x": batch()})["a"] for _ in range(3)]
+    monkeypatch.undo()
+    assert "auxk" in records[-1] and bool(trainer.states["a"].counter.dead_mask.any())
+    from training.trainer import to_host
+    assert all(isinstance(v, (int, float)) for v in to_host(records)[-1].values())
+
+
+def test_step_records_give_sparse_firings_and_per_token_l0():
+    sae = build_sae("batchtopk", d_in=8, d_sae=32, k=3)
+    trainer = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3), 10)
+    record = trainer.train_step({"x": torch.randn(24, 8)})["a"]
+    codes = record["_codes"]
+    assert codes.shape == (24, 32) and int((codes != 0).sum()) <= 3 * 24
+    assert torch.equal(record["_fired"], (codes != 0).sum(0))
+    assert torch.equal(record["_l0"], (codes != 0).sum(-1))
+    assert not any(key.startswith("_") for key in json.loads(json.dumps(to_plain(record))))
+
+
+def to_plain(record):
+    from training.trainer import to_host
+
+    return to_host([record])[0]
