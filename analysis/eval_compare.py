@@ -341,6 +341,10 @@ class EvalConfig:
     training tokens). All are computed and tabulated; this one fills the card's top-level metrics."""
     bootstrap: int = 1000
     """Bootstrap replicates over contexts for the 95% intervals (fixed seed 0; 0 turns intervals off)."""
+    supervised: Literal["ioi"] | None = None
+    """Also score each SAE against supervised feature dictionaries of a task (Makelov et al. 2024; 'ioi'):
+    sufficiency, necessity and control of the task's attributes (docs/methods.md §10.7). For SAEs at a late layer
+    trained on task-like data; about 2 minutes per SAE on SmolLM2 on a 2-core CPU."""
     stability: bool = True
     """Matched-latent stability (decoder |cosine|) of runs that differ only in seed."""
     wandb: str = "off"
@@ -392,7 +396,8 @@ def run_eval(cfg: EvalConfig, models: dict | None = None) -> list[dict]:
 
             models[name] = load_model(name, device=cfg.device)
         card = report_card(run, model=models[name], max_contexts=cfg.max_contexts, budget_curve=cfg.budget_curve,
-                           device=cfg.device, convention=cfg.convention, n_boot=cfg.bootstrap)
+                           device=cfg.device, convention=cfg.convention, n_boot=cfg.bootstrap,
+                           supervised=cfg.supervised)
         print(format_report(card))
         cards.append(card)
     out = Path(cfg.out) if cfg.out else default_out(runs)

@@ -125,14 +125,16 @@ CORE_TOKENS = {True: "every non-special token, outlier-norm tokens included",
 @torch.no_grad()
 def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budget_curve: bool = True,
                 write: bool = True, device: str = "cpu", convention: str = DEFAULT_CONVENTION,
-                n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+                n_boot: int = N_BOOT, seed: int = BOOT_SEED, supervised: str | None = None) -> dict:
     """Evaluate the SAE of a run folder; writes run_dir/eval/metrics.json and run_dir/eval/figures/*.json.
 
     `convention` (eval_downstream.CONVENTIONS) is the headline: 'saebench' ablates at every position, splices the
     SAE at every non-special token and counts outlier-norm tokens in the core metrics; 'special_masked' keeps all of
     them to the training tokens. The downstream
     metrics of every convention are in card["downstream_conventions"], both FVUs in card["core"], and a bootstrap
-    interval over contexts (n_boot replicates, fixed seed) of every metric in card["intervals"] and budget rows."""
+    interval over contexts (n_boot replicates, fixed seed) of every metric in card["intervals"] and budget rows.
+    `supervised` (a task, 'ioi') adds the supervised-dictionary scores of docs/methods.md §10.7 for SAEs trained on
+    task data."""
     check_convention(convention)
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
@@ -202,6 +204,10 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
             "log10_density": histogram(alive.log10(), 40, low, 0.0) | {"dead": int((density == 0).sum())},
         },
     }
+    if supervised:
+        from analysis.supervised_dict import supervised_scores
+
+        card["supervised_dictionary"] = supervised_scores(run_dir, task=supervised, model=model, device=device)
     card = clean(card)
     if write:
         write_card(card, run_dir / "eval")

@@ -589,3 +589,16 @@ def test_bad_inputs_name_the_fix(tiny_model, tiny_cache, runs, held_out, tmp_pat
         report_card(run, model=tiny_model, max_contexts=0)
     with pytest.raises(ValueError, match="scored positions"):
         report_card(run, model=tiny_model, max_contexts=1, write=False)
+
+
+def test_report_card_adds_the_supervised_dictionary_scores_on_request(runs, tiny_model):
+    from analysis.supervised_dict import supervised_scores
+
+    run = runs / "seed1"
+    card = report_card(run, model=tiny_model, max_contexts=2, budget_curve=False, write=False, n_boot=0,
+                       supervised="ioi")
+    direct = supervised_scores(run, task="ioi", model=tiny_model)
+    assert card["supervised_dictionary"]["hook"] == HOOK
+    assert card["supervised_dictionary"]["sae"]["sufficiency"] == pytest.approx(direct["sae"]["sufficiency"])
+    assert "supervised_dictionary" not in report_card(run, model=tiny_model, max_contexts=2, budget_curve=False,
+                                                      write=False, n_boot=0)
