@@ -8,13 +8,16 @@ every cfg.json key that changes the codes, is honoured here exactly or refused b
 - `rescale_acts_by_decoder_norm` (TopK family): codes computed on u * ||d_i|| and decoded with d_i / ||d_i||;
   folded into W_enc, b_enc and unit-norm W_dec rows, which gives the same codes and reconstruction.
 - `finetuning_scaling_factor` with a `scaling_factor` tensor: codes are multiplied by it before decoding (folded
-  into W_dec rows). `hook_head_index`, skip transcoders, `activation_fn` other than relu/topk: refused.
+  into W_dec rows); without the tensor SAELens turns the flag off, and so does this loader.
+  `hook_head_index` (top level before SAELens 6, under metadata since), skip transcoders, `activation_fn` other than
+  relu/topk, a threshold of another shape than [d_sae] or one value: refused.
 - `reshape_activations: hook_z` is accepted: SAEs read [.., n_heads * d_head], as the workbench's caches do.
 Configs written before SAELens 6 (no `sae_lens_version` >= 6) are converted first, as SAELens does: `hook_point` ->
 `hook_name`, `activation_fn_str` -> `activation_fn`, a topk activation with `activation_fn_kwargs.k` -> 'topk',
 boolean `normalize_activations`. BatchTopK and Matryoshka BatchTopK SAEs are saved by SAELens as 'jumprelu'
 (their global threshold repeated per latent) and load as JumpReLU. Transcoders (hook in != hook out, d_in ==
-d_out) load for analysis with their output hook in the source facts.
+d_out) load for analysis with their output hook in the source facts; one with `normalize_activations` is refused
+(SAELens normalises its input but not its output).
 """
 import json
 from pathlib import Path
@@ -116,8 +119,10 @@ def load(path: Path, input_scale: float | None = None, **_) -> SAE:
     if arch not in ARCHITECTURES:
         raise LayoutError(f"{path / CFG}: SAELens architecture {arch!r} is unknown here; known: "
                           f"{', '.join(sorted(ARCHITECTURES))}.")
-    if cfg.get("hook_head_index") is not None:
-        refuse(path, "hook_head_index", cfg["hook_head_index"], "an SAE on one attention head's slice of hook_z")
+    head = next((v for v in (cfg.get("hook_head_index"), cfg["metadata"].get("hook_head_index")) if v is not None),
+                None)  # pre-6: top level; v6: under metadata
+    if head is not None:
+        refuse(path, "hook_head_index", head, "an SAE on one attention head's slice of hook_z")
     activation = cfg.get("activation_fn")
     if activation not in (None, "relu", "topk"):
         refuse(path, "activation_fn", activation, "only relu and topk activations are known")
@@ -128,6 +133,9 @@ def load(path: Path, input_scale: float | None = None, **_) -> SAE:
     if transcoder and int(cfg.get("d_out", d_in)) != d_in:
         refuse(path, "d_out", cfg["d_out"], f"a transcoder whose output width differs from d_in={d_in}")
     token_norm, scale = token_norm_of(cfg, path, input_scale)
+    if transcoder and token_norm != "none":  # Transcoder.decode skips run_time_activation_norm_fn_out
+        refuse(path, "normalize_activations", cfg["normalize_activations"], "SAELens normalises a transcoder's input "
+               "but not its output, which this workbench's per-token normalisation cannot express")
 
     tensors = read_safetensors(path / WEIGHTS)
     W_dec = take(tensors, "W_dec", (d_sae, d_in), path / WEIGHTS).double()
@@ -135,7 +143,7 @@ def load(path: Path, input_scale: float | None = None, **_) -> SAE:
     W_enc = take(tensors, "W_enc", (d_in, d_sae), path / WEIGHTS).T.double()  # ours: [d_sae, d_in]
     bias_name = "b_gate" if arch == "gated" else "b_enc"
     b_enc = take(tensors, bias_name, (d_sae,), path / WEIGHTS).double()
-    if cfg.get("finetuning_scaling_factor") or "scaling_factor" in tensors:
+    if "scaling_factor" in tensors:  # without the tensor SAELens turns finetuning_scaling_factor off
         factor = take(tensors, "scaling_factor", (d_sae,), path / WEIGHTS).double()
         if cfg.get("finetuning_scaling_factor") or not torch.equal(factor, torch.ones_like(factor)):
             W_dec = W_dec * factor[:, None]  # decode(z) = (z * factor) @ W_dec
@@ -163,6 +171,9 @@ def load(path: Path, input_scale: float | None = None, **_) -> SAE:
         threshold = extra.get("threshold", tensors.get("threshold"))
         if threshold is None:
             threshold = take(tensors, "threshold", (d_sae,), path / WEIGHTS)
+        if threshold.numel() not in (1, d_sae):
+            raise LayoutError(f"{path / WEIGHTS}: tensor 'threshold' has shape {tuple(threshold.shape)}, expected "
+                              f"({d_sae},) or a single value: the file or its config is from another SAE.")
         threshold = threshold.double().reshape(-1).expand(d_sae).clone()
         if bool((threshold < 0).any()):
             raise LayoutError(f"{path / WEIGHTS}: a JumpReLU threshold is negative, so SAELens's relu(u) * (u > θ) "
