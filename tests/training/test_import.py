@@ -122,6 +122,10 @@ def test_l0_check_flags_a_factor_of_three():
     assert problems({"fvu": 1.2, "l0": 5.0}, None)[0].startswith("FVU 1.2 > 1")
 
 
+class Payload:
+    """Stands for any object a malicious pickle would build."""
+
+
 def test_bad_sources_give_one_sentence_and_write_nothing(saelens_folder, tmp_path, capsys):
     wide = build_sae("topk", d_in=32, d_sae=64, k=4)
     save_sae(wide, tmp_path / "wide")
@@ -132,7 +136,13 @@ def test_bad_sources_give_one_sentence_and_write_nothing(saelens_folder, tmp_pat
     truncated.mkdir()
     (truncated / "cfg.json").write_text((saelens_folder / "cfg.json").read_text())
     (truncated / "sae_weights.safetensors").write_bytes((saelens_folder / "sae_weights.safetensors").read_bytes()[:500])
+    evil = tmp_path / "evil"  # a dictionary_learning folder whose ae.pt pickles an object (code runs on unpickling)
+    evil.mkdir()
+    torch.save({"encoder.weight": torch.zeros(4, 4), "payload": Payload()}, evil / "ae.pt")
+    (evil / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": 4,
+                                                              "dict_size": 4}}))
     cases = [
+        (evil, "holds pickled objects other than tensors"),
         (tmp_path / "wide", "width d_in=32 but tiny's 'blocks.1.hook_resid_post' has width 64"),
         (tmp_path / "junk", "holds no SAE layout this workbench knows. Known layouts: saelens"),
         (tmp_path / "missing", "does not exist"),
@@ -149,3 +159,19 @@ def test_bad_sources_give_one_sentence_and_write_nothing(saelens_folder, tmp_pat
     (out / "x").write_text("keep")
     assert main(["import", str(saelens_folder), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err and (out / "x").read_text() == "keep"
+
+
+def test_export_cli_writes_folders_that_load_back_with_the_same_codes(saelens_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    save_sae(load_sae(saelens_folder), run)
+    x = torch.randn(32, 64) * 2
+    expected = load_sae(run).encode(x)
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / f"export-{fmt}"
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+        assert f"as {fmt} into {out}" in capsys.readouterr().out
+        back = load_sae(out)
+        assert back.cfg.metadata["source"]["layout"] == fmt
+        assert torch.allclose(back.encode(x), expected, atol=1e-5)
+    assert main(["export", str(run), "--format", "onnx"]) == 1
+    assert "saelens" in capsys.readouterr().err
