@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from app.cli import main
 from saes import build_sae, load_sae, save_sae
 from training.activation_store import ActivationCache
-from training.importing import L0_FACTOR, problems
+from training.importing import L0_FACTOR, fingerprint, problems
 from training.trainer import LoopConfig, train_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -44,6 +44,10 @@ def saelens_folder(tiny_cache, tmp_path_factory):
     return folder
 
 
+def source_sae(folder):
+    return load_sae(folder).eval()
+
+
 def reference_fingerprint(folder, cache: ActivationCache, hook: str) -> tuple[float, float]:
     """FVU and L0 from the raw SAELens tensors over every non-special cached token (outliers included)."""
     tensors = load_file(str(folder / "sae_weights.safetensors"))
@@ -69,6 +73,9 @@ def test_import_writes_a_run_that_eval_and_features_use(saelens_folder, tmp_path
     fvu, l0 = reference_fingerprint(saelens_folder, cache, HOOK)
     assert summary["fvu"] == pytest.approx(fvu, rel=1e-4) and summary["fvu"] < 0.5
     assert summary["l0"] == pytest.approx(l0, rel=1e-6)
+    cache.manifest["outlier_factor"] = 0.5  # most tokens now count as outliers: the check must still see them all
+    non_special = sum(int((~cache.read(i, "special").bool()).sum()) for i in range(cache.n_shards))
+    assert fingerprint(source_sae(saelens_folder), cache, HOOK)["tokens"] == non_special == summary["eval_tokens"]
     density = load_file(str(out / "import_density.safetensors"))["log10_density"]
     assert density.shape == (128,) and float(density.max()) <= 0
     # the imported run is a run: same codes as the source, and the analyses accept it
