@@ -103,12 +103,19 @@ class SAEOutput:
     `codes` [batch, d_sae] only when something reads them; the dense path passes `codes` directly.
     """
 
-    def __init__(self, x_hat: Tensor, codes: Tensor | None, pre_acts: Tensor | None, losses: dict[str, Tensor],
+    def __init__(self, x_hat, codes: Tensor | None, pre_acts: Tensor | None, losses: dict[str, Tensor],
                  metrics: dict[str, Tensor], *, values: Tensor | None = None, selection=None):
         if codes is None and (values is None or selection is None):
             raise ValueError("SAEOutput needs dense codes, or values with their selection.")
-        self.x_hat, self.pre_acts, self.losses, self.metrics = x_hat, pre_acts, losses, metrics
+        self._x_hat, self.pre_acts, self.losses, self.metrics = x_hat, pre_acts, losses, metrics
         self._codes, self.values, self.selection = codes, values, selection
+
+    @property
+    def x_hat(self) -> Tensor:
+        """Reconstruction [batch, d_in] in raw space (the fast path computes it on first use: a callable)."""
+        if callable(self._x_hat):
+            self._x_hat = self._x_hat()
+        return self._x_hat
 
     @property
     def codes(self) -> Tensor:
@@ -289,21 +296,24 @@ class SAE(nn.Module):
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
         u = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection)
         values = u if self.signed else u.relu()
-        x_hat_scaled = fast.sparse_decode(values, self.W_dec, selection) + self.b_dec
-        losses = {"mse": ops.mse_sum(x_scaled, x_hat_scaled)}
-        losses.update(self.fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask))
-        metrics = {"fvu": ops.fvu(x_scaled, x_hat_scaled).detach(),
+        decoded = fast.sparse_decode(values, self.W_dec, selection)
+        sq_error, residual = fast.squared_error(x_centered, decoded, self.b_dec)
+        losses = {"mse": sq_error / x.shape[0]}  # ops.mse_sum
+        losses.update(self.fast_aux_losses(pre_acts, x_centered, residual, dead_mask))
+        total = fast.total_variance(x_centered)
+        metrics = {"fvu": (sq_error.detach() / total.clamp_min(torch.finfo(total.dtype).tiny)),  # ops.fvu
                    "l0": ((values != 0).sum() / selection.batch).float().detach()}
-        return SAEOutput(x_hat_scaled / self.input_scale, None, pre_acts, losses, metrics, values=values,
-                         selection=selection)
+        return SAEOutput(lambda: (decoded + self.b_dec) / self.input_scale, None, pre_acts, losses, metrics,
+                         values=values, selection=selection)
 
-    def fast_aux_losses(self, pre_acts: Tensor, x_centered: Tensor, x_scaled: Tensor, x_hat_scaled: Tensor,
+    def fast_aux_losses(self, pre_acts: Tensor, x_centered: Tensor, residual: Tensor,
                         dead_mask: Tensor | None) -> dict[str, Tensor]:
-        """`aux_losses` of the fast path: AuxK on the dead latents only, with no host sync. With a dead mask that
-        has no dead latent the term is present and exactly 0 (the dense path leaves it out)."""
+        """`aux_losses` of the fast path (residual: s·x - x̂, detached): AuxK on the dead latents only, with no host
+        sync. With a dead mask that has no dead latent the term is present and exactly 0 (the dense path leaves it
+        out)."""
         if dead_mask is None or self.cfg.effective_aux_k == 0:
             return {}
-        aux = fast.fast_auxk(pre_acts, x_centered, x_scaled - x_hat_scaled, self.b_dec, self.W_enc, self.b_enc,
+        aux = fast.fast_auxk(pre_acts, x_centered, residual, self.b_dec, self.W_enc, self.b_enc,
                              self.W_dec, dead_mask, self.cfg.effective_aux_k, signed=self.signed)
         return {"auxk": self.cfg.aux_coef * aux}
 

@@ -135,7 +135,8 @@ class HierarchicalTopKSAE(SAE):
             values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc,
                                           selection).relu()
             codes = None
-            x_hat_scaled = fast.sparse_decode(values, self.W_dec, selection) + self.b_dec
+            decoded = fast.sparse_decode(values, self.W_dec, selection)
+            x_hat_scaled = decoded + self.b_dec
         else:
             pre_acts = self.pre_acts(x_scaled)
             values, indices = self.sorted_topk(pre_acts)
@@ -145,7 +146,7 @@ class HierarchicalTopKSAE(SAE):
         budgets = torch.tensor(self.cfg.budget_list, device=errors.device) - 1
         losses = {"mse": errors[:, budgets].mean().to(x_scaled.dtype)}
         if codes is None:
-            losses.update(self.fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask))
+            losses.update(self.fast_aux_losses(pre_acts, x_centered, (x_centered - decoded).detach(), dead_mask))
         else:
             losses.update(self.aux_losses(pre_acts, codes, x_scaled, x_hat_scaled, dead_mask))
         curve = self._fvu_from_errors(errors.detach(), x_scaled)

@@ -107,7 +107,7 @@ def project_out_radial_grad(W_dec: Tensor) -> None:
     if W_dec.grad is None:
         return
     radial = (W_dec.grad * W_dec.data).sum(-1, keepdim=True)  # [d_sae, 1]
-    W_dec.grad.sub_(radial * W_dec.data)
+    W_dec.grad.addcmul_(radial, W_dec.data, value=-1)  # in place, no [d_sae, d_in] temporary
 
 
 @torch.no_grad()

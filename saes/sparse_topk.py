@@ -66,9 +66,10 @@ class Selection:
 
     @classmethod
     def topk(cls, scores: Tensor, k: int) -> "Selection":
-        """The k largest scores of each token (ties as torch.topk), indices in increasing order. scores: [B, n]."""
-        indices = scores.topk(k, dim=-1, sorted=False).indices
-        return cls(indices.sort(dim=-1).values, scores.shape[-1])
+        """The k largest scores of each token (ties as torch.topk), largest first: a fixed order, so variants that
+        select the same latents sum them in the same order (on CPU sorting costs nothing: topk partial-sorts).
+        scores: [B, n]."""
+        return cls(scores.topk(k, dim=-1, sorted=True).indices, scores.shape[-1])
 
     @classmethod
     def batch_topk(cls, scores: Tensor, n_keep: int) -> "Selection":
@@ -79,7 +80,7 @@ class Selection:
     @classmethod
     def from_flat(cls, flat: Tensor, batch: int, d_sae: int) -> "Selection":
         """From positions in the flattened [batch, d_sae] matrix (any order): sorted, so tokens are contiguous."""
-        flat = flat.sort().values
+        flat = _sort_keys(flat, batch * d_sae)
         tokens, indices = flat // d_sae, flat % d_sae
         offsets = torch.searchsorted(tokens, torch.arange(batch, device=flat.device, dtype=tokens.dtype))
         return cls(indices, d_sae, tokens=tokens, offsets=offsets)
@@ -110,7 +111,10 @@ class Selection:
         """Entries sorted by latent (stable, so every run sums in the same order); computed once, shared by the
         encoder's and the decoder's backward."""
         if self._plan is None:
-            latents, order = self.indices.reshape(-1).sort(stable=True)
+            keys = self.indices.reshape(-1)
+            if self.d_sae < 2**31:
+                keys = keys.int()  # int32 keys sort several times faster on CPU
+            latents, order = keys.sort(stable=True)
             offsets = torch.searchsorted(latents, torch.arange(self.d_sae, device=latents.device, dtype=latents.dtype))
             self._plan = LatentPlan(order, self.entry_tokens()[order], offsets)
         return self._plan
@@ -158,6 +162,13 @@ class Selection:
             dense = values.new_zeros(self.batch * self.d_sae)
             return dense.index_put((self.tokens * self.d_sae + self.indices,), values).view(self.batch, self.d_sae)
         return values.new_zeros(self.batch, self.d_sae).scatter(-1, self.indices, values)
+
+
+def _sort_keys(keys: Tensor, bound: int) -> Tensor:
+    """Sorted copy of non-negative integer keys below `bound` (int32 keys when they fit: faster on CPU), as int64."""
+    if bound < 2**31:
+        return keys.int().sort().values.long()
+    return keys.sort().values
 
 
 class _GatherPreActs(torch.autograd.Function):
@@ -210,6 +221,39 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, grad_W, None
 
 
+class _SquaredError(torch.autograd.Function):
+    """(Σ ||r||², r) with r = x_centered - decoded = s·x - b_dec - decoded: one pass forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, x_centered: Tensor, decoded: Tensor, b_dec: Tensor):
+        residual = x_centered - decoded
+        ctx.save_for_backward(residual)
+        ctx.mark_non_differentiable(residual)
+        flat = residual.reshape(-1)
+        return torch.dot(flat, flat), residual
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_residual):
+        (residual,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_decoded = residual * (-2 * grad)  # d/d decoded; b_dec enters like decoded (x_hat = decoded + b_dec)
+        return (-grad_decoded if needs[0] else None, grad_decoded if needs[1] else None,
+                grad_decoded.sum(0) if needs[2] else None)
+
+
+def squared_error(x_centered: Tensor, decoded: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_tokens ||s·x - x̂||² with x̂ = decoded + b_dec, and the residual s·x - x̂ [B, d] (detached).
+
+    x_centered = s·x - b_dec from a detached b_dec (`encoder_pre_acts`); b_dec's gradient is added here."""
+    return _SquaredError.apply(x_centered, decoded, b_dec)
+
+
+def total_variance(x_centered: Tensor) -> Tensor:
+    """Σ_tokens ||x - mean_batch(x)||² (FVU's denominator, §1.7), from x - b_dec (a shift changes nothing)."""
+    x_centered = x_centered.detach()
+    return torch.linalg.vector_norm(x_centered - x_centered.mean(0, keepdim=True)).square()
+
+
 def gather_pre_acts(pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
                     selection: Selection) -> Tensor:
     """The pre-activations at the selected pairs, differentiable in W_enc, b_enc, b_dec (and x) with a sparse
@@ -239,16 +283,15 @@ def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Ten
 
     The k_aux = min(aux_k, n) largest scores among dead latents are chosen (non-dead ones scored -inf); entries that
     are not dead (fewer than k_aux dead latents) are zeroed, which is the dense rule's k_aux = min(aux_k, n_dead);
-    with no dead latent at all the loss is multiplied by 0, so it is 0 with zero gradients.
+    with no dead latent at all the loss is multiplied by 0, so it is 0 with zero gradients. residual: s·x - x̂
+    [B, d] of the main reconstruction, a constant here.
     """
     batch, d_sae = pre_acts.shape
     k_aux = min(k_aux, d_sae)
     with torch.no_grad():
         scores = pre_acts.abs() if signed else pre_acts
-        indices = scores.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-        indices = indices.sort(dim=-1).values
-        valid = dead_mask[indices]  # [B, k_aux]
-    selection = Selection.per_token(indices, d_sae)
+        selection = Selection.topk(scores.masked_fill(~dead_mask, float("-inf")), k_aux)
+        valid = dead_mask[selection.indices]  # [B, k_aux]
     u = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection)
     values = (u if signed else u.relu()) * valid
     aux_hat = sparse_decode(values, W_dec, selection)  # [B, d_in]

@@ -70,11 +70,11 @@ class TopKSAE(SAE):
             losses["multi_topk"] = ops.mse_sum(x_scaled, x_hat_big) / 8  # same units as `mse` (§2.2)
         return losses
 
-    def fast_aux_losses(self, pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask) -> dict[str, Tensor]:
-        losses = super().fast_aux_losses(pre_acts, x_centered, x_scaled, x_hat_scaled, dead_mask)
+    def fast_aux_losses(self, pre_acts, x_centered, residual, dead_mask) -> dict[str, Tensor]:
+        losses = super().fast_aux_losses(pre_acts, x_centered, residual, dead_mask)
         if self.cfg.multi_topk:
             selection = fast.Selection.topk(pre_acts, min(4 * self.cfg.k, self.cfg.d_sae))
             u = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection)
-            x_hat_big = fast.sparse_decode(u.relu(), self.W_dec, selection) + self.b_dec
-            losses["multi_topk"] = ops.mse_sum(x_scaled, x_hat_big) / 8
+            sq_error, _ = fast.squared_error(x_centered, fast.sparse_decode(u.relu(), self.W_dec, selection), self.b_dec)
+            losses["multi_topk"] = sq_error / pre_acts.shape[0] / 8  # ops.mse_sum at 4k, same units as `mse`
         return losses

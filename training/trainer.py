@@ -141,15 +141,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class StepRecord(dict):
-    """One SAE's record of one step: host numbers (step, lr, tokens) and 0-dim device tensors (loss, each loss term,
-    metrics, dead_frac), read in batches by `to_host` and the logger rather than one by one.
+    """One SAE's record of one step: step, lr, tokens, loss, each loss term, metrics and dead_frac.
 
+    The losses and metrics are held as 0-dim device tensors: `items()`, `to_host` and the logger read them in
+    batches, many steps in one transfer. Indexing (`record["fvu"]`, `.get`) gives a Python number, which reads the
+    device there and then: fine now and then, not every step on a GPU.
     Three keys are built on first use and never logged: "_codes" (dense codes [batch, d_sae]; the fast path keeps
     only values and indices), "_fired" (firings per latent in this batch, [d_sae]) and "_l0" (per-token L0 [batch])."""
 
     def __init__(self, values: dict, out, fired: Tensor | None):
         super().__init__(values)
         self._out, self._fired = out, fired
+
+    def __getitem__(self, key: str):
+        value = super().__getitem__(key)
+        return value.item() if isinstance(value, Tensor) and value.ndim == 0 else value
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
 
     def __missing__(self, key: str):
         out = self._out

@@ -155,7 +155,7 @@ def test_selection_layouts_agree():
     W_dec = torch.randn(30, 7, generator=generator, dtype=torch.float64, requires_grad=True)
     b_enc = torch.zeros(30, dtype=torch.float64, requires_grad=True)
     b_dec = torch.zeros(7, dtype=torch.float64, requires_grad=True)
-    per_token = Selection.topk(pre, 4)
+    per_token = Selection.per_token(pre.topk(4, dim=-1).indices.sort(-1).values, 30)  # the flat order: by latent
     flat = Selection.from_flat((per_token.indices + 30 * torch.arange(9)[:, None]).flatten(), 9, 30)
     results = []
     for selection in (per_token, flat):
