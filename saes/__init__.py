@@ -21,6 +21,7 @@ from saes.gated import GatedConfig, GatedSAE
 from saes.gradient import GradientTopKConfig, GradientTopKSAE
 from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
+from saes.matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE
 from saes.thresholds import ThresholdCalibrator, calibrate_thresholds
 
 ARCHITECTURES: dict[str, type[SAE]] = {
@@ -35,6 +36,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "hierarchical_topk": HierarchicalTopKSAE,
     "mutual_choice": MutualChoiceSAE,
     "feature_choice": FeatureChoiceSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
 }
 """The trainable family."""
 

@@ -106,6 +106,7 @@ def compatible_saes() -> dict:
     return {
         "topk": trained("topk", k=4),
         "batchtopk_as_jumprelu": batchtopk.to_jumprelu(),
+        "matryoshka_as_jumprelu": trained("matryoshka_batchtopk", k=4).to_jumprelu(),
         "jumprelu": trained("jumprelu", threshold_init=0.05, bandwidth=0.05),
         "jumprelu_b_dec_in": trained("jumprelu", threshold_init=0.05, bandwidth=0.05, apply_b_dec_to_input=True),
         "relu_l1_as_standard": trained("relu_l1"),
