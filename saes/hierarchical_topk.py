@@ -7,8 +7,9 @@ inference at any k <= K is plain TopK(k) on the same encoder: `encode(x, k=...)`
 Choices and deviations:
 * the per-prefix error is `mse_sum` (sum over d_in, mean over tokens), so with J = {K} the loss is TopK's `mse`;
   FLEXSAE's reference takes the per-element mean instead (a constant factor d_in);
-* the prefix errors come from the Gram identity of §5.2 (no loop over k, no [batch, K, d_in] cumsum); the FLEXSAE
-  Triton kernel is not used;
+* the prefix errors come from the Gram identity of §5.2 on the dense path (no loop over k, no [batch, K, d_in]
+  cumsum) and from a residual recursion with a hand-written backward on the fast path (default): same values and
+  gradients, O(batch·d_in) memory; the FLEXSAE Triton kernel is not used;
 * AuxK runs on the full-K residual (workbench choice, §5.3; whether the authors used AuxK is unverified).
 """
 import copy
@@ -35,7 +36,8 @@ class HierarchicalTopKConfig(SAEConfig):
     k: int | None = None
     """Budget `encode` uses at inference; None means k_max. Any k <= k_max is valid (prefix property, §5.1)."""
     loss_chunk: int = 1024
-    """Tokens per chunk of the prefix loss, recomputed in backward: memory follows it, not the batch (0: off)."""
+    """Dense path: tokens per chunk of the Gram prefix loss, recomputed in backward, so memory follows it, not the
+    batch (0: off). The fast path's residual recursion keeps O(batch·d_in) memory and needs no chunking."""
     kernel: str = "sparse"
     """Training path. 'sparse' (default): the fast path of saes/sparse_topk.py, where the encoder backward and the
     decode touch only the k_max selected latents (AuxK only the dead ones); 'dense' (`--sae-options kernel dense`): the
@@ -92,6 +94,63 @@ def _prefix_errors_of_indices(e0: Tensor, values: Tensor, indices: Tensor, W_dec
     # embedding, not W_dec[indices]: under checkpointing the indexing backward accumulated in a thread-dependent
     # order on CPU, so two identical runs differed (and resume could not be bit-identical).
     return prefix_sq_errors(e0, values, torch.nn.functional.embedding(indices, W_dec))  # [chunk, K, d_in] rows
+
+
+RESIDUAL_CHUNK = 128
+"""Tokens per block of the residual recursion (`prefix_errors_recursive`): its [chunk, d_in] residuals stay in cache."""
+
+
+class _PrefixErrorsRecursive(torch.autograd.Function):
+    """||e0 - Σ_{m<=j} v_m d_m||² for every prefix j, updating one residual latent by latent (the fast path, §5.2).
+
+    Forward: r_0 = e0, r_j = r_{j-1} - v_j d_j, E_j = ||r_j||². Backward, j = K..1, with R_j = Σ_{i>=j} 2 g_i r_i:
+    dE/dv_j = -<R_j, d_j>, dE/dd_j += -v_j R_j, dE/de0 = R_1, walking r back (r_{j-1} = r_j + v_j d_j). Memory is
+    O(batch·d_in) (only the final residual is kept), work O(batch·K·d_in); there is no cancellation to guard.
+    """
+
+    @staticmethod
+    def forward(ctx, e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
+        batch, k = values.shape
+        errors = e0.new_empty(batch, k)
+        final = torch.empty_like(e0)
+        for start in range(0, batch, RESIDUAL_CHUNK):
+            block = slice(start, start + RESIDUAL_CHUNK)
+            r, v, idx = e0[block].clone(), values[block], indices[block]
+            for j in range(k):
+                r.addcmul_(v[:, j:j + 1], W_dec.index_select(0, idx[:, j]), value=-1)
+                errors[block, j] = torch.linalg.vector_norm(r, dim=-1).square()
+            final[block] = r
+        ctx.save_for_backward(final, values, indices, W_dec)
+        return errors
+
+    @staticmethod
+    def backward(ctx, grad_errors: Tensor):
+        final, values, indices, W_dec = ctx.saved_tensors
+        batch, k = values.shape
+        grad_e0, grad_values = torch.empty_like(final), torch.empty_like(values)
+        grad_W = torch.zeros_like(W_dec)
+        grad_errors = grad_errors.to(final.dtype)
+        for start in range(0, batch, RESIDUAL_CHUNK):
+            block = slice(start, start + RESIDUAL_CHUNK)
+            r, v, idx, g = final[block].clone(), values[block], indices[block], grad_errors[block]
+            acc = torch.zeros_like(r)  # R_j
+            for j in reversed(range(k)):
+                acc.addcmul_(g[:, j:j + 1], r, value=2)
+                rows = W_dec.index_select(0, idx[:, j])
+                grad_values[block, j] = -(acc * rows).sum(-1)
+                grad_W.index_add_(0, idx[:, j], acc * -v[:, j:j + 1])
+                r.addcmul_(v[:, j:j + 1], rows)
+            grad_e0[block] = acc
+        return grad_e0, grad_values, None, grad_W
+
+
+def prefix_errors_recursive(e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """The prefix errors of `prefix_sq_errors` from indices, by the residual recursion (fp32 at least, autocast off).
+    e0 [batch, d_in], values and indices [batch, K] in selection order, W_dec [d_sae, d_in] -> [batch, K]."""
+    with torch.autocast(e0.device.type, enabled=False):
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        return _PrefixErrorsRecursive.apply(e0.to(dtype).contiguous(), values.to(dtype).contiguous(), indices,
+                                            W_dec.to(dtype))
 
 
 class HierarchicalTopKSAE(SAE):
@@ -165,6 +224,8 @@ class HierarchicalTopKSAE(SAE):
         """Squared error of every prefix, chunked over tokens; under autograd each chunk is recomputed in backward
         (activation checkpointing), so the gathered decoder rows never exist for the whole batch. -> [batch, k_max]"""
         e0 = x_scaled - self.b_dec  # [batch, d_in]
+        if self.fast_path:  # the residual recursion: no gathered [chunk, K, d_in] rows, no recomputation
+            return prefix_errors_recursive(e0, values, indices, self.W_dec)
         chunk = self.cfg.loss_chunk or e0.shape[0]
         parts = []
         for e, v, i in zip(e0.split(chunk), values.split(chunk), indices.split(chunk)):
