@@ -228,9 +228,9 @@ def write_shard(tensors: dict, path: Path, done: int) -> None:
         tmp.replace(path)
     except (OSError, SafetensorError) as error:
         tmp.unlink(missing_ok=True)
-        raise store.write_error(error, path, f"the {done} finished shard(s) are kept; free space in {path.parent} "
-                                             "(or point SAEWB_CACHE / --out at a larger disk) and run the same "
-                                             "command again to continue") from None
+        kept = f"the {done} finished shard(s) are kept" if done else "no shard was finished yet"
+        raise store.write_error(error, path, f"{kept}; free space in {path.parent} (or point SAEWB_CACHE / --out at "
+                                             "a larger disk) and run the same command again to continue") from None
 
 
 def shard_tensors(model, rows: torch.Tensor, cfg: CacheConfig, special_ids: torch.Tensor, bar) -> dict:
