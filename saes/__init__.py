@@ -22,6 +22,7 @@ from saes.gradient import GradientTopKConfig, GradientTopKSAE
 from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE
+from saes.top_afa import TopAFAConfig, TopAFASAE
 from saes.thresholds import ThresholdCalibrator, calibrate_thresholds
 
 ARCHITECTURES: dict[str, type[SAE]] = {
@@ -37,6 +38,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "mutual_choice": MutualChoiceSAE,
     "feature_choice": FeatureChoiceSAE,
     "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+    "top_afa": TopAFASAE,
 }
 """The trainable family."""
 
