@@ -23,6 +23,7 @@ from saes.mp import MPConfig, MPSAE, SignedMPConfig, SignedMPSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE
 from saes.top_afa import TopAFAConfig, TopAFASAE
+from saes.gba import GBAConfig, GBASAE
 from saes.thresholds import ThresholdCalibrator, calibrate_thresholds
 
 ARCHITECTURES: dict[str, type[SAE]] = {
@@ -39,6 +40,7 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "feature_choice": FeatureChoiceSAE,
     "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
     "top_afa": TopAFASAE,
+    "gba": GBASAE,
 }
 """The trainable family."""
 
