@@ -239,3 +239,15 @@ def test_calibration_on_the_fast_path_equals_dense():
     calibrate_thresholds(fast, batches)
     assert float(dense.threshold) > 0
     torch.testing.assert_close(fast.threshold, dense.threshold)
+
+
+def test_default_training_infers_at_k_on_held_out_tokens(tiny_model, tiny_cache, tiny_cache_cfg, tmp_path):
+    """As BatchTopK (issue 12): `train` with default loop settings gives held-out L0 within ±10 % of k."""
+    from tests.training.test_trainer import job
+    from training.run import train
+
+    cfg = job(tiny_cache_cfg, tmp_path / "m", architectures=["matryoshka_batchtopk"], k=[16], expansion=4, epochs=5,
+              loop=LoopConfig(), checkpoint_every=0)
+    summary = train(cfg, model=tiny_model, progress=False)["sae"]
+    assert summary["steps"] >= 100 and summary["eval_split"] == "held-out shards"
+    assert abs(summary["l0"] - 16) <= 0.1 * 16, f"held-out L0 {summary['l0']:.2f} at k=16"
