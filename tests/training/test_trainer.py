@@ -143,7 +143,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         trainer.train_step({"x": batch})
     result = tmp_path / "rank0.pt"
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), batches, str(result)), nprocs=2, join=True)
-    distributed = torch.load(result)
+    distributed = torch.load(result, weights_only=True)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(distributed["state"][name], value, atol=2e-6, rtol=1e-5)
     assert torch.equal(distributed["counter"], trainer.states["a"].counter.tokens_since_fired)
