@@ -151,3 +151,9 @@ def feature_link(latent: int, text: str | None = None) -> str:
     run = st.session_state.get("run_label")
     suffix = f"&run={quote(run)}" if run else ""
     return f"[{label}](feature?latent={latent}{suffix})"
+
+
+def latent_title(store: FeatureStore | None, latent: int) -> str:
+    """'#id label' for a latent wherever one is shown (the label comes from the feature store when it has one)."""
+    label = store.label(latent) if store is not None and hasattr(store, "label") else ""
+    return f"#{latent} {label}".strip()
