@@ -10,11 +10,13 @@
 
 then, from the weights alone, the logit lens (top/bottom tokens of the latent's direct path to the logits through
 the final norm's weight and the unembedding, `training.model.direct_logits`) and the nearest latents by decoder
-cosine.
+cosine; and last every latent's short LLM-free label (`analysis.labels`: its top contexts' centre tokens and its
+promoted tokens) and, with an explainer endpoint, an LLM explanation scored by detection.
 
 Layout of `run_dir/features/`: `index.json` (metadata, sizes, bin edges), `features.safetensors` (every tensor
 has the latent as its first axis, so `safe_open(...).get_slice(name)[i]` loads one latent cheaply) and
-`vocab.json` (every token id's string, so the app needs no tokenizer to show contexts).
+`vocab.json` (every token id's string, so the app needs no tokenizer to show contexts), `labels.json` (one label
+per latent) and, when an explainer ran, `explanations.json`.
 
 Special tokens (BOS/EOS) and outlier-norm tokens are left out of every statistic, as in training.
 """
@@ -29,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tyro.conf import Positional
 
+from analysis.labels import EXPLANATIONS, LABELS, build_labels
 from training.activation_store import failpoint, require_free, write_error, write_json_atomic
 
 FEATURES_DIR = "features"
@@ -49,12 +52,12 @@ class FeaturesConfig:
     """Run folder holding cfg.json, sae_weights.safetensors and summary.json (its 'cache' names the cache)."""
     top_n: int = 20
     """Top activating contexts kept per latent."""
-    samples: int = 24
+    samples: int = 40
     """Random firing positions kept per latent (the app shows them by activation quantile)."""
-    left: int = 16
-    """Context tokens to the left of each example."""
-    right: int = 4
-    """Context tokens to the right of each example."""
+    left: int = 24
+    """Context tokens kept to the left of each example (the app shows the nearest few and expands to all)."""
+    right: int = 8
+    """Context tokens kept to the right of each example."""
     bins: int = 48
     """Histogram bins (log-spaced |activation| from 1e-3 to 1e3, shared by all latents)."""
     batch_size: int = 4096
@@ -63,6 +66,20 @@ class FeaturesConfig:
     """Only the first N shards (default all)."""
     progress: bool = True
     """Show a progress bar."""
+    explainer_url: str | None = None
+    """An OpenAI-compatible chat-completions endpoint (https://api.openai.com/v1, a local server's
+    http://127.0.0.1:8000/v1, ...): an LLM explains every latent from its top contexts and each explanation is
+    scored by detection (balanced accuracy on held-out firing and silent excerpts). The key comes from
+    $SAEWB_EXPLAINER_KEY or $OPENAI_API_KEY (none is sent when neither is set)."""
+    explainer_model: str | None = None
+    """The model the endpoint should use (e.g. gpt-4o-mini); required with --explainer-url."""
+    explain_max: int | None = None
+    """Explain only the first N latents that fired (default all)."""
+    explainer_workers: int = 4
+    """Requests to the endpoint at once."""
+    labels_only: bool = False
+    """Keep the existing feature store and only rewrite its labels (and, with --explainer-url, its explanations:
+    latents already explained by the same model are kept); no pass over the cache."""
 
 
 def features_dir(run_dir: str | Path) -> Path:
@@ -296,6 +313,7 @@ def store_bytes(d_sae: int, signed: bool, cfg: FeaturesConfig, vocab: int) -> in
     width = cfg.left + cfg.right + 1
     example = 4 + 8 + 2 * 4 * width  # value, row, window tokens and activations
     per_latent = (cfg.top_n * example + cfg.bins * 8) * (2 if signed else 1) + cfg.samples * example + 40 * 4 + 80 + 32
+    per_latent += 64  # its label in labels.json
     return int(1.1 * (d_sae * per_latent + 32 * vocab)) + 2**20
 
 
@@ -327,6 +345,7 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
     tensors = {name: t.contiguous() for name, t in tensors.items()}
     tensors = {name: (t.float() if t.dtype == torch.float64 else t) for name, t in tensors.items()}
     (out / INDEX).unlink(missing_ok=True)  # the index is the store's "finished" mark: gone until it is rewritten
+    (out / EXPLANATIONS).unlink(missing_ok=True)  # explanations of the old top contexts no longer apply
     unfinished = (f"no feature store is left in {out} that reads as valid; free space and run `saewb features "
                   f"{run_dir}` again")
     tmp = out / f".{TENSORS}.tmp"
@@ -337,7 +356,10 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
         tmp.unlink(missing_ok=True)
         raise write_error(error, out / TENSORS, unfinished) from None
     failpoint("features.tensors_written")  # tests: tensors in place, vocab and index not yet
-    write_json_atomic(out / VOCAB, token_strings(model.tokenizer), unfinished)
+    vocab = token_strings(model.tokenizer)
+    write_json_atomic(out / VOCAB, vocab, unfinished)
+    labels = build_labels(tensors["top_tokens"][:, :, cfg.left], tensors.get("lens_top_ids"), vocab)
+    write_json_atomic(out / LABELS, labels, unfinished)
     index = {
         "version": 1, "model": facts["model"], "hook": facts["hook"], "cache": facts["cache"],
         "architecture": sae.architecture, "signed": bool(sae.signed), "d_sae": sae.cfg.d_sae,
@@ -347,9 +369,49 @@ def build_features(cfg: FeaturesConfig, model=None, sae=None) -> Path:
         "logit_lens_note": LOGIT_LENS_NOTE if has_lens else
         f"No logit lens: the hook's width {W_dec.shape[1]} is not the model's d_model {W_U.shape[0]}.",
         "shards": cfg.max_shards or cache.n_shards,
-        "tensors": sorted(tensors),
+        "tensors": sorted(tensors), "labels": LABELS,
     }
     write_json_atomic(out / INDEX, index, unfinished)
+    if cfg.explainer_url:
+        explain(cfg, sae, cache, facts["hook"])
+    return out
+
+
+def explain(cfg: FeaturesConfig, sae=None, cache=None, hook: str | None = None) -> dict:
+    """Explain the latents of a run's finished feature store with the configured endpoint and score them by
+    detection (`analysis.labels.explain_store`); the store stays valid if this fails part-way."""
+    from analysis.labels import ChatClient, explain_store, negative_pool
+    from analysis.store import FeatureStore
+    from training.activation_store import ActivationCache
+
+    run_dir = Path(cfg.run_dir)
+    store = FeatureStore(features_dir(run_dir))
+    if not cfg.explainer_model:
+        raise ValueError("--explainer-url needs --explainer-model (the model name the endpoint serves).")
+    hook = hook or store.index["hook"]
+    sae = sae or load_run_sae(run_dir)
+    cache = cache or ActivationCache(store.index["cache"], hook=hook)
+    client = ChatClient(cfg.explainer_url, cfg.explainer_model)
+    pool = negative_pool(sae, cache, hook, store.index["left"], store.index["right"])
+    fired = store.column("fired")
+    latents = [i for i in range(store.d_sae) if int(fired[i]) > 0][: cfg.explain_max]
+    return explain_store(store, client, pool, latents, workers=cfg.explainer_workers, progress=cfg.progress)
+
+
+def relabel(cfg: FeaturesConfig) -> Path:
+    """--labels-only: rewrite the labels of an existing feature store from its stored tensors (and explain it when
+    an endpoint is given), leaving everything else as it is."""
+    from analysis.store import FeatureStore
+
+    out = features_dir(cfg.run_dir)
+    store = FeatureStore(out)
+    names = store.index["tensors"]
+    centres = store.column("top_tokens")[:, :, store.index["left"]]
+    labels = build_labels(centres, store.column("lens_top_ids") if "lens_top_ids" in names else None, store.vocab)
+    write_json_atomic(out / LABELS, labels, "the old labels are kept")
+    write_json_atomic(out / INDEX, store.index | {"labels": LABELS}, "the store is unchanged")
+    if cfg.explainer_url:
+        explain(cfg)
     return out
 
 
@@ -367,6 +429,14 @@ def text_codes(model, sae, hook: str, text: str) -> tuple[list[int], Tensor]:
 
 
 def run_features(cfg: FeaturesConfig) -> None:
-    out = build_features(cfg)
+    out = relabel(cfg) if cfg.labels_only else build_features(cfg)
     index = json.loads((out / INDEX).read_text())
-    print(f"Feature store for {index['d_sae']} latents over {index['n_tokens']} tokens saved in {out}")
+    print(f"Feature store for {index['d_sae']} latents over {index['n_tokens']} tokens "
+          f"{'relabelled' if cfg.labels_only else 'saved'} in {out}")
+    if (out / EXPLANATIONS).is_file():
+        data = json.loads((out / EXPLANATIONS).read_text())
+        scores = [v["score"] for v in data["latents"].values() if v.get("score") is not None]
+        mean = f", mean detection score {sum(scores) / len(scores):.3f}" if scores else ""
+        print(f"{len(data['latents'])} latents explained by {data['explainer_model']}{mean}"
+              + (f"; {len(data['failed'])} failed (run again with --labels-only to retry them)"
+                 if data["failed"] else ""))

@@ -4,6 +4,7 @@ feature store of a run (one latent at a time, memory-mapped; token search).
     runs = list_runs("runs")
     run = Run(runs[0]); run.summary(); run.metrics()
     feats = run.features(); feats.latent(3)["top"][0]; feats.search_token("the")
+    feats.label(3); feats.explanation(3); feats.explanation_score(3); feats.search_text("plural nouns")
 """
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from analysis.features import INDEX, LOGIT_LENS_NOTE, TENSORS, VOCAB, features_dir
+from analysis.labels import EXPLANATIONS, LABELS, build_labels
 
 SKIP_DIRS = {"checkpoints", "wandb", "features", "eval", "comparison", ".git", "__pycache__"}
 
@@ -225,8 +227,9 @@ class FeatureStore:
                                                                  row["lens_bottom_values"].tolist())]}
         return record
 
-    def quantile_samples(self, record: dict, groups: int = 4, per_group: int = 2) -> list[tuple[str, list[dict]]]:
-        """The random firing samples of a latent split into activation quantile groups (lowest first)."""
+    def quantile_samples(self, record: dict, groups: int = 5, per_group: int = 8) -> list[tuple[str, list[dict]]]:
+        """The random firing samples of a latent split into activation quantile groups (lowest first), at most
+        `per_group` of each group (spread over it)."""
         samples = record["samples"]
         if not samples:
             return []
@@ -276,3 +279,66 @@ class FeatureStore:
         values = self.column("lens_top_values")
         order = sorted(found, key=lambda i: (rank[i], -float(values[i, rank[i]])))
         return [{"latent": i, "rank": rank[i] + 1, "logit": float(values[i, rank[i]])} for i in order[:limit]]
+
+    # ------------------------------------------------------------------------------ labels and explanations
+
+    @cached_property
+    def labels(self) -> list[str]:
+        """Every latent's short label (labels.json; a store written before labels existed gets them computed from
+        its stored top contexts and logit lens, the same way)."""
+        found = read_json(self.folder / self.index.get("labels", LABELS))
+        if isinstance(found, list) and len(found) == self.d_sae:
+            return [str(x) for x in found]
+        lens = self.column("lens_top_ids") if "lens_top_ids" in self.index.get("tensors", []) else None
+        return build_labels(self._top_centre_tokens, lens, self.vocab)
+
+    def label(self, latent: int) -> str:
+        latent = int(latent)
+        return self.labels[latent] if 0 <= latent < self.d_sae else ""
+
+    def explanations_file(self) -> dict | None:
+        """explanations.json as written by an explainer run (`saewb features --explainer-url ...`), or None."""
+        data = read_json(self.folder / EXPLANATIONS)
+        return data if isinstance(data, dict) and isinstance(data.get("latents"), dict) else None
+
+    @cached_property
+    def _explanations(self) -> dict[int, dict]:
+        data = self.explanations_file()
+        return {int(k): v for k, v in data["latents"].items()} if data else {}
+
+    @property
+    def explainer_model(self) -> str | None:
+        data = self.explanations_file()
+        return data.get("explainer_model") if data else None
+
+    def explanation(self, latent: int) -> str | None:
+        found = self._explanations.get(int(latent))
+        return found.get("explanation") if found else None
+
+    def explanation_score(self, latent: int) -> float | None:
+        """The explanation's detection score (balanced accuracy, 0.5 = chance), None when not explained/scored."""
+        found = self._explanations.get(int(latent))
+        return found.get("score") if found else None
+
+    def explained(self) -> list[dict]:
+        """Every explained latent: latent, label, explanation, score (best score first, unscored last)."""
+        rows = [{"latent": i, "label": self.label(i), "explanation": v.get("explanation"), "score": v.get("score")}
+                for i, v in self._explanations.items()]
+        return sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0), r["latent"]))
+
+    def search_text(self, text: str, limit: int = 20) -> list[dict]:
+        """Latents whose label or explanation contains every word of `text` (case-insensitive): explained ones by
+        detection score first, then by id. Each hit says where it matched."""
+        words = [w for w in text.lower().split() if w]
+        if not words:
+            return []
+        hits = []
+        for latent, label in enumerate(self.labels):
+            explanation = self.explanation(latent) or ""
+            where = [name for name, value in (("label", label), ("explanation", explanation))
+                     if all(w in value.lower() for w in words)]
+            if where:
+                hits.append({"latent": latent, "label": label, "explanation": explanation or None,
+                             "score": self.explanation_score(latent), "where": where})
+        hits.sort(key=lambda h: (h["score"] is None, -(h["score"] or 0.0), h["latent"]))
+        return hits[:limit]

@@ -241,3 +241,19 @@ def test_signed_sae_bottom_contexts_match_brute_force(tiny_model, tiny_cache, br
                        tokens, ctx)
         assert int(columns["hist"][latent].sum()) == int((column > 0).sum())
         assert int(columns["hist_neg"][latent].sum()) == int((column < 0).sum())
+
+
+def test_labels_are_saved_with_the_store(topk_store):
+    """labels.json is written by build_features (one label per latent, named in the index) and equals the LLM-free
+    label of each latent's stored top contexts and logit lens."""
+    from analysis.labels import LABELS, token_label
+
+    sae, store, codes = topk_store
+    saved = json.loads((store.folder / LABELS).read_text())
+    assert store.index["labels"] == LABELS and len(saved) == sae.cfg.d_sae and store.labels == saved
+    for latent in range(0, sae.cfg.d_sae, 17):
+        record = store.latent(latent)
+        centres = [e["tokens"][e["centre"]] for e in record["top"]]
+        assert saved[latent] == token_label(centres, [t for t, _ in record["logit_lens"]["top"]])
+        assert (saved[latent] == "dead" or saved[latent].startswith("dead →")) == (not record["top"])
+    assert any("‹" in label for label in saved)
