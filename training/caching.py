@@ -7,6 +7,7 @@ locked while it is written, so two commands caching the same key never interleav
 import json
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -207,17 +208,38 @@ def cache_activations(cfg: CacheConfig, model=None, progress: bool = True, verif
         with tqdm(total=cfg.n_contexts * cfg.context_length,
                   initial=done * cfg.contexts_per_shard * cfg.context_length, unit="tok", unit_scale=True,
                   desc=f"cache {cfg.model}", disable=not progress, dynamic_ncols=True) as bar:  # closed before errors
-            for index in range(done, n_shards):
-                rows = contexts[index * cfg.contexts_per_shard:(index + 1) * cfg.contexts_per_shard]
-                tensors = shard_tensors(model, rows, cfg, special_ids, bar)
-                path = folder / store.shard_name(index)
-                write_shard(tensors, path, done=index)
-                store.failpoint("cache.shard_renamed")  # tests: a shard on disk that progress.json does not list yet
-                state["shards"].append({"file": path.name, "sha256": store.file_sha256(path), "contexts": len(rows)})
-                store.write_json_atomic(progress_path, state)
+            # One writer thread: shard i is written and hashed while the model computes shard i+1 (torch, the
+            # safetensors write and hashlib all release the GIL). progress.json lists a shard only once it is on disk.
+            # An interruption still records the shard being written, so no finished work is lost.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+                pending = None
+                try:
+                    for index in range(done, n_shards):
+                        rows = contexts[index * cfg.contexts_per_shard:(index + 1) * cfg.contexts_per_shard]
+                        tensors = shard_tensors(model, rows, cfg, special_ids, bar)
+                        if pending is not None:
+                            finished, pending = pending, None
+                            record_shard(state, progress_path, finished.result())
+                        pending = writer.submit(write_and_hash, tensors, folder / store.shard_name(index), index,
+                                                len(rows))
+                finally:
+                    if pending is not None:
+                        record_shard(state, progress_path, pending.result())
         store.failpoint("cache.before_manifest")
         finalise(folder, state, cfg, model)
     return folder
+
+
+def write_and_hash(tensors: dict, path: Path, done: int, contexts: int) -> dict:
+    """Write a shard (atomically) and return its progress entry with the sha256 of what is on disk."""
+    write_shard(tensors, path, done=done)
+    store.failpoint("cache.shard_renamed")  # tests: a shard on disk that progress.json does not list yet
+    return {"file": path.name, "sha256": store.file_sha256(path), "contexts": contexts}
+
+
+def record_shard(state: dict, progress_path: Path, entry: dict) -> None:
+    state["shards"].append(entry)
+    store.write_json_atomic(progress_path, state)
 
 
 def write_shard(tensors: dict, path: Path, done: int) -> None:
