@@ -36,7 +36,7 @@ app: $(STAMP)
 	$(VENV)/bin/saewb app $(RUNS)
 
 bench: $(STAMP)
-	$(PY) bench/cache_throughput.py
+	$(PY) -m bench.cache_throughput
 
 clean:
 	rm -rf $(VENV) runs

@@ -58,6 +58,10 @@ def card_figures(card: dict) -> dict:
     fig.update_layout(title=f"{card['name']}: active latents per token (mean L0 {card['core']['l0']:.2f})",
                       xaxis_title="L0 (latents with z != 0)", yaxis_title="tokens")
     figures["l0_histogram"] = fig
+    if card.get("afa"):
+        from analysis.afa import zf_figure
+
+        figures["zf"] = zf_figure(card["afa"])
     if card.get("budget"):
         rows = card["budget"]
         fig = make_subplots(rows=1, cols=2, subplot_titles=("FVU vs measured L0", "delta LM loss vs measured L0"))

@@ -118,6 +118,8 @@ def clean(value):
     return value
 
 
+AFA_TOKENS = 20_000  # tokens for the ZF relation and ε_LBO
+
 CORE_TOKENS = {True: "every non-special token, outlier-norm tokens included",
                False: "the tokens the SAE trained on (not special, not outlier-norm)"}
 
@@ -204,6 +206,9 @@ def report_card(run_dir: str | Path, model=None, max_contexts: int = 32, *, budg
             "log10_density": histogram(alive.log10(), 40, low, 0.0) | {"dead": int((density == 0).sum())},
         },
     }
+    from analysis.afa import afa_metrics  # the quasi-orthogonality diagnostics of Lee et al. 2025 (§9.2)
+
+    card["afa"] = afa_metrics(sae, eval_tokens(cache, hook, shards), AFA_TOKENS)
     if supervised:
         from analysis.supervised_dict import supervised_scores
 
@@ -276,6 +281,10 @@ def format_report(card: dict) -> str:
     if card.get("budget"):
         lines.append("  budget: " + ", ".join(f"k={r['k']}: L0 {fmt(r['l0'], '.1f')} FVU {fmt(r['fvu'], '.3f')} "
                                               f"dLM {fmt(r['delta_lm_loss'], '.3f')}" for r in card["budget"]))
+    if card.get("afa"):
+        zf, eps = card["afa"]["zf"], card["afa"]["epsilon_lbo"]
+        lines.append(f"  quasi-orthogonality (Lee et al.): ZF slope {fmt(zf['slope'], '.3f')}, r "
+                     f"{fmt(zf['correlation'], '.3f')}; ε_LBO median {fmt(eps['median'], '.3g')}")
     return "\n".join(lines)
 
 

@@ -602,3 +602,11 @@ def test_report_card_adds_the_supervised_dictionary_scores_on_request(runs, tiny
     assert card["supervised_dictionary"]["sae"]["sufficiency"] == pytest.approx(direct["sae"]["sufficiency"])
     assert "supervised_dictionary" not in report_card(run, model=tiny_model, max_contexts=2, budget_curve=False,
                                                       write=False, n_boot=0)
+    # the quasi-orthogonality diagnostics are in every card, on the same held-out tokens as afa_card, with a figure
+    from analysis.afa import afa_card
+    from analysis.eval_compare import card_figures
+
+    alone = afa_card(run, write=False)
+    assert card["afa"]["tokens"] == alone["tokens"] > 0
+    assert card["afa"]["epsilon_lbo"]["median"] == pytest.approx(alone["epsilon_lbo"]["median"])
+    assert "zf" in card_figures(card)
