@@ -294,15 +294,16 @@ class SAE(nn.Module):
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
-        u = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection)
-        values = u if self.signed else u.relu()
+        values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,
+                                      relu=not self.signed)
         decoded = fast.sparse_decode(values, self.W_dec, selection)
         sq_error, residual = fast.squared_error(x_centered, decoded, self.b_dec)
         losses = {"mse": sq_error / x.shape[0]}  # ops.mse_sum
         losses.update(self.fast_aux_losses(pre_acts, x_centered, residual, dead_mask))
         total = fast.total_variance(x_centered)
-        metrics = {"fvu": (sq_error.detach() / total.clamp_min(torch.finfo(total.dtype).tiny)),  # ops.fvu
-                   "l0": ((values != 0).sum() / selection.batch).float().detach()}
+        with fast.serial(x.device):
+            l0 = ((values.detach() != 0).sum() / selection.batch).float()
+        metrics = {"fvu": (sq_error.detach() / total.clamp_min(torch.finfo(total.dtype).tiny)), "l0": l0}  # ops.fvu
         return SAEOutput(lambda: (decoded + self.b_dec) / self.input_scale, None, pre_acts, losses, metrics,
                          values=values, selection=selection)
 

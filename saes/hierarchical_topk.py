@@ -191,8 +191,8 @@ class HierarchicalTopKSAE(SAE):
             x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
             selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
             indices = selection.indices
-            values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc,
-                                          selection).relu()
+            values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,
+                                          relu=True)
             codes = None
             decoded = fast.sparse_decode(values, self.W_dec, selection)
             x_hat_scaled = decoded + self.b_dec

@@ -17,6 +17,7 @@ The selection rule of every variant is unchanged: it picks indices from the deta
 dense `select` does. The dense path (`kernel="dense"`) is the reference; tests/saes/test_fast_path.py checks that
 values and the gradients of every parameter agree in float64.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,23 @@ from torch import Tensor
 from torch.nn import functional as F
 
 KERNELS = ("sparse", "dense")
+
+
+@contextmanager
+def serial(device: torch.device):
+    """Run the enclosed bookkeeping ops (on [batch, k]-sized tensors: selections, sorts, masks, index-adds) on one
+    CPU thread. Splitting an op of ~10^5 elements over threads saves microseconds on an idle machine, but on a loaded
+    one every parallel region waits for a descheduled thread: measured 10-100 ms per such op on 2 shared cores, for
+    a step of about 40 of them. The large matmuls, top-k, gather-sums and [batch, d_in] passes stay parallel."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_kernel(kernel: str, sparse_kernel: bool | None) -> str:
@@ -80,9 +98,10 @@ class Selection:
     @classmethod
     def from_flat(cls, flat: Tensor, batch: int, d_sae: int) -> "Selection":
         """From positions in the flattened [batch, d_sae] matrix (any order): sorted, so tokens are contiguous."""
-        flat = _sort_keys(flat, batch * d_sae)
-        tokens, indices = flat // d_sae, flat % d_sae
-        offsets = torch.searchsorted(tokens, torch.arange(batch, device=flat.device, dtype=tokens.dtype))
+        with serial(flat.device):
+            flat = _sort_keys(flat, batch * d_sae)
+            tokens, indices = flat // d_sae, flat % d_sae
+            offsets = torch.searchsorted(tokens, torch.arange(batch, device=flat.device, dtype=tokens.dtype))
         return cls(indices, d_sae, tokens=tokens, offsets=offsets)
 
     @property
@@ -93,12 +112,17 @@ class Selection:
     def batch(self) -> int:
         return self.offsets.shape[0] if self.flat else self.indices.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
     def entry_tokens(self) -> Tensor:
         """[N] token of every entry (flattened per-token layout: token b owns entries b*m .. b*m + m - 1)."""
-        if self.flat:
-            return self.tokens
-        batch, m = self.indices.shape
-        return torch.arange(batch, device=self.indices.device).repeat_interleave(m)
+        if self.tokens is None:
+            batch, m = self.indices.shape
+            with serial(self.indices.device):
+                self.tokens = torch.arange(batch, device=self.indices.device).repeat_interleave(m)
+        return self.tokens
 
     def bag_offsets(self) -> Tensor:
         """[B] start of each token's entries in the flattened order."""
@@ -111,19 +135,23 @@ class Selection:
         """Entries sorted by latent (stable, so every run sums in the same order); computed once, shared by the
         encoder's and the decoder's backward."""
         if self._plan is None:
-            keys = self.indices.reshape(-1)
-            if self.d_sae < 2**31:
-                keys = keys.int()  # int32 keys sort several times faster on CPU
-            latents, order = keys.sort(stable=True)
-            offsets = torch.searchsorted(latents, torch.arange(self.d_sae, device=latents.device, dtype=latents.dtype))
-            self._plan = LatentPlan(order, self.entry_tokens()[order], offsets)
+            tokens = self.entry_tokens()
+            with serial(self.device):
+                keys = self.indices.reshape(-1)
+                if self.d_sae < 2**31:
+                    keys = keys.int()  # int32 keys sort several times faster on CPU
+                latents, order = keys.sort(stable=True)
+                offsets = torch.searchsorted(latents, torch.arange(self.d_sae, device=latents.device,
+                                                                   dtype=latents.dtype))
+                self._plan = LatentPlan(order, tokens[order], offsets)
         return self._plan
 
     def gather(self, dense: Tensor) -> Tensor:
         """dense [B, d_sae] at the selected pairs -> shaped like `indices`."""
-        if self.flat:
-            return dense[self.tokens, self.indices]
-        return dense.gather(-1, self.indices)
+        with serial(self.device):
+            if self.flat:
+                return dense[self.tokens, self.indices]
+            return dense.gather(-1, self.indices)
 
     def bag_sum(self, weight: Tensor, per_entry: Tensor) -> Tensor:
         """Σ_entries per_entry · weight[latent] per token: [B, weight.shape[1]]."""
@@ -135,7 +163,8 @@ class Selection:
     def latent_sum(self, rows: Tensor, per_entry: Tensor) -> Tensor:
         """Σ_entries per_entry · rows[token] per latent: [d_sae, rows.shape[1]] (zero rows for unselected latents)."""
         plan = self.plan()
-        weights = per_entry.reshape(-1)[plan.order].to(rows.dtype)
+        with serial(self.device):
+            weights = per_entry.reshape(-1)[plan.order].to(rows.dtype)
         return F.embedding_bag(plan.tokens, rows, plan.offsets, per_sample_weights=weights, mode="sum")
 
     def entry_dots(self, rows_per_token: Tensor, weight: Tensor) -> Tensor:
@@ -146,15 +175,17 @@ class Selection:
 
     def latent_total(self, per_entry: Tensor) -> Tensor:
         """Σ per_entry over the entries of each latent: [d_sae]."""
-        out = torch.zeros(self.d_sae, dtype=per_entry.dtype, device=per_entry.device)
-        return out.index_add_(0, self.indices.reshape(-1), per_entry.reshape(-1))
+        with serial(self.device):
+            out = torch.zeros(self.d_sae, dtype=per_entry.dtype, device=per_entry.device)
+            return out.index_add_(0, self.indices.reshape(-1), per_entry.reshape(-1))
 
     def token_sum(self, per_entry: Tensor) -> Tensor:
         """Σ per_entry over the entries of each token: [B]."""
-        if not self.flat:
-            return per_entry.sum(-1)
-        out = torch.zeros(self.batch, dtype=per_entry.dtype, device=per_entry.device)
-        return out.index_add_(0, self.tokens, per_entry)
+        with serial(self.device):
+            if not self.flat:
+                return per_entry.sum(-1)
+            out = torch.zeros(self.batch, dtype=per_entry.dtype, device=per_entry.device)
+            return out.index_add_(0, self.tokens, per_entry)
 
     def to_dense(self, values: Tensor) -> Tensor:
         """Dense codes [B, d_sae] with `values` at the selected pairs (differentiable in `values`)."""
@@ -172,20 +203,31 @@ def _sort_keys(keys: Tensor, bound: int) -> Tensor:
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """u at the selected pairs, u = W_enc (s·x - b_dec) + b_enc; the dense u comes in already computed (detached)."""
+    """Codes at the selected pairs, act(u) * keep, from u = W_enc (s·x - b_dec) + b_enc already computed (detached).
+
+    act is ReLU or the identity (signed variants); `keep` (bool, like the indices, or None) zeroes entries."""
 
     @staticmethod
     def forward(ctx, pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
-                selection: Selection) -> Tensor:
+                selection: Selection, relu: bool, keep: Tensor | None) -> Tensor:
+        u = selection.gather(pre_acts)
+        with serial(u.device):
+            passes = (u > 0) if relu else None  # where the activation passes the gradient
+            if keep is not None:
+                passes = keep if passes is None else passes & keep
+            values = u if passes is None else u * passes
         ctx.selection = selection
-        ctx.save_for_backward(x_centered, W_enc)
-        return selection.gather(pre_acts)
+        ctx.save_for_backward(x_centered, W_enc, passes)
+        return values
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x_centered, W_enc = ctx.saved_tensors
+        x_centered, W_enc, passes = ctx.saved_tensors
         selection: Selection = ctx.selection
-        grad = grad.to(W_enc.dtype)
+        with serial(grad.device):
+            grad = grad.to(W_enc.dtype)
+            if passes is not None:
+                grad = grad * passes
         needs = ctx.needs_input_grad
         grad_x = grad_b_dec = grad_W = grad_b = None
         if needs[3]:
@@ -193,10 +235,11 @@ class _GatherPreActs(torch.autograd.Function):
         if needs[2] or needs[4]:
             grad_b = selection.latent_total(grad)  # [n]
             if needs[2]:
-                grad_b_dec = -(grad_b @ W_enc)  # Σ_tokens of -grad_x_centered, without forming it
+                with serial(grad.device):
+                    grad_b_dec = -(grad_b @ W_enc)  # Σ_tokens of -grad_x_centered, without forming it
         if needs[1]:
             grad_x = selection.bag_sum(W_enc, grad)  # [B, d]
-        return None, grad_x, grad_b_dec, grad_W, grad_b if needs[4] else None, None
+        return None, grad_x, grad_b_dec, grad_W, grad_b if needs[4] else None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -255,11 +298,11 @@ def total_variance(x_centered: Tensor) -> Tensor:
 
 
 def gather_pre_acts(pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
-                    selection: Selection) -> Tensor:
-    """The pre-activations at the selected pairs, differentiable in W_enc, b_enc, b_dec (and x) with a sparse
-    backward. pre_acts [B, n] detached; x_centered = s·x - b_dec computed from a detached b_dec (b_dec's encoder
-    gradient is added here)."""
-    return _GatherPreActs.apply(pre_acts.detach(), x_centered, b_dec, W_enc, b_enc, selection)
+                    selection: Selection, *, relu: bool = False, keep: Tensor | None = None) -> Tensor:
+    """The pre-activations at the selected pairs (ReLU'd when `relu`, zeroed where `keep` is False), differentiable
+    in W_enc, b_enc, b_dec (and x) with a sparse backward. pre_acts [B, n] detached; x_centered = s·x - b_dec computed
+    from a detached b_dec (b_dec's encoder gradient is added here)."""
+    return _GatherPreActs.apply(pre_acts.detach(), x_centered, b_dec, W_enc, b_enc, selection, relu, keep)
 
 
 def sparse_decode(values: Tensor, W_dec: Tensor, selection: Selection) -> Tensor:
@@ -291,9 +334,9 @@ def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Ten
     with torch.no_grad():
         scores = pre_acts.abs() if signed else pre_acts
         selection = Selection.topk(scores.masked_fill(~dead_mask, float("-inf")), k_aux)
-        valid = dead_mask[selection.indices]  # [B, k_aux]
-    u = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection)
-    values = (u if signed else u.relu()) * valid
+        with serial(pre_acts.device):
+            valid = dead_mask[selection.indices]  # [B, k_aux]
+    values = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection, relu=not signed, keep=valid)
     aux_hat = sparse_decode(values, W_dec, selection)  # [B, d_in]
     residual = residual.detach()
     numerator = (residual - aux_hat).pow(2).sum()

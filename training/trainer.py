@@ -102,7 +102,8 @@ class DeadLatentCounter:
 
     def update_sparse(self, selection: fast.Selection, values: Tensor) -> Tensor:
         """Codes as `values` at the pairs of `selection` (fast path); returns this batch's firings per latent [d_sae]."""
-        counts = selection.latent_total((values != 0).long())
+        with fast.serial(values.device):
+            counts = selection.latent_total((values != 0).long())
         self.update_fired(counts > 0, selection.batch)
         return counts
 
