@@ -49,9 +49,16 @@ def show(token: str, limit: int = 12) -> str:
 
 
 def readable(token: str) -> bool:
-    """Whether a promoted token is worth naming in a label (not blank, not a lone byte-fallback character)."""
+    """Whether a promoted token is worth naming in a label: printable, not blank, not a byte-fallback piece, with a
+    letter, digit or punctuation mark in it (not a lone combining or variation character)."""
     text = token.strip()
-    return bool(text) and "\ufffd" not in text and text.isprintable()
+    return (bool(text) and "\ufffd" not in text and text.isprintable()
+            and any(c.isalnum() or c in "!\"#$%&'()*+,-./:;<=>?@[]^_`{|}~" for c in text))
+
+
+def word_start(token: str) -> bool:
+    """A token that starts a word (a leading space, then a letter or digit), as opposed to a word piece."""
+    return token[:1] == " " and token[1:2].isalnum()
 
 
 def token_label(centres: list[str], promoted: list[str] | None = None, max_centres: int = 3,
@@ -60,7 +67,7 @@ def token_label(centres: list[str], promoted: list[str] | None = None, max_centr
     promoted tokens (best first): ``‹of› ‹to› → the, a``. Centre tokens are counted spaces and case ignored; those
     seen at least twice (and at least 15 % of the contexts) are named, most frequent first, or, when every context
     centres on a different token, the first two followed by ``…``. An empty `centres` (the latent never fired) gives
-    ``dead``."""
+    ``dead``. Promoted tokens that start a word come before word pieces (a mid-layer lens is full of pieces)."""
     if not centres:
         left = "dead"
     else:
@@ -71,14 +78,16 @@ def token_label(centres: list[str], promoted: list[str] | None = None, max_centr
         ranked = sorted(counts, key=lambda k: (-counts[k], list(first).index(k)))
         named = [k for k in ranked if counts[k] >= max(2, 0.15 * len(centres))][:max_centres]
         covered = sum(counts[k] for k in named)
-        if not named:
-            named = ranked[:2]
+        varied = not named  # no token repeats: name the first two, and "…" when there are more
+        named = named or ranked[:2]
         left = " ".join(f"‹{first[k]}›" for k in named)
-        if covered < len(centres) / 2:
+        if (len(ranked) > len(named)) if varied else covered < len(centres) / 2:
             left += "…"
     right = []
-    for t in promoted or []:
-        if readable(t) and show(t, 10).lower() not in [r.lower() for r in right]:
+    promoted = [t for t in promoted or [] if readable(t)]
+    promoted = [t for t in promoted if word_start(t)] + [t for t in promoted if not word_start(t)]
+    for t in promoted:
+        if show(t, 10).lower() not in [r.lower() for r in right]:
             right.append(show(t, 10))
         if len(right) == max_promoted:
             break

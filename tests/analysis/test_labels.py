@@ -77,6 +77,7 @@ def test_token_label_rules():
     assert L.token_label([], [" x"]) == "dead → x"
     assert L.token_label(["\n", "\n", " "], []) == "‹⏎›"  # blank tokens are named; no lens, no arrow
     assert L.token_label([" The", " the"], [" \ufffd", " ", " the", " THE", " one"]) == "‹The› → the, one"
+    assert L.token_label([" x"], [".", "ing", " word", "\ufe0f"]) == "‹x› → word, ."  # word starts first
     long = L.token_label([" " + "x" * 30] * 3, [" " + "y" * 30, " " + "z" * 30])
     assert len(long) <= L.MAX_LABEL and long.startswith("‹xxxxxxxxxxx…›")
 
@@ -86,7 +87,7 @@ def test_labels_on_a_hand_built_store(tmp_path):
     store = FeatureStore(out)
     # no labels.json yet (a store from before labels): computed from the stored tensors
     assert not (out / L.LABELS).exists()
-    want = ["‹cat› ‹dog› → sat, ran", "dead → a, of", "‹the› ‹of›… → ., a"]  # a lone newline is not named
+    want = ["‹cat› ‹dog› → sat, ran", "dead → a, of", "‹the› ‹of›… → a, on"]  # word starts before "."
     assert store.labels == want
     relabel(FeaturesConfig(run_dir=tmp_path / "run", labels_only=True, progress=False))
     assert json.loads((out / L.LABELS).read_text()) == want  # now saved, and the index names the file
