@@ -1,5 +1,11 @@
-"""Shared pieces of the Streamlit pages: the runs folder, the run picker, cached loaders, token highlighting.
-Everything read from disk goes through `analysis.store`."""
+"""Shared pieces of the Streamlit pages: the runs folder, the run picker, the current latent, links between pages,
+cached loaders, token highlighting. Everything read from disk goes through `analysis.store`.
+
+State across pages: the run (the sidebar's picker, mirrored in ?run=), the current latent (session
+"current_latent", mirrored in ?latent= by `set_latent`) and the pages' inputs (`PERSIST`, kept by `keep_state` in
+the entry script while another page is shown). Links to a latent: `latent_link` (an st.page_link: same tab, same
+session, nothing reloads) for lists, `feature_link` (an HTML anchor with target=_self: same tab, the page reloads
+with ?latent= and ?run=) inside markdown text and tables."""
 import html
 import os
 import sys
@@ -10,6 +16,12 @@ import streamlit as st
 from analysis.store import FeatureStore, Run, list_runs
 
 ENV = "SAEWB_RUNS_DIR"
+FEATURE_PAGE = "views/feature.py"
+LIVE_PAGE = "views/live.py"
+# widget values that survive moving to another page and back (Streamlit drops a widget's value when a run of the
+# app does not draw it; re-assigning it in the entry script turns it into plain session state until it is drawn)
+PERSIST = ("token_query", "text_query", "feature_text", "live_text", "live_k")
+FLAG_RATIO = 2.0  # an activation above this multiple of the latent's largest top-context activation is flagged
 
 
 def runs_dir() -> Path:
@@ -68,6 +80,71 @@ def sidebar() -> None:
                            "runs found there.")  # the value itself is not echoed: it is untrusted text
     label = st.sidebar.selectbox("Run", labels, key="run_label")
     st.session_state["run_path"] = runs[labels.index(label)]
+    if st.query_params.get("run") != label:  # the address names the run, so a reload or a shared link keeps it
+        st.query_params["run"] = label
+    latent = st.session_state.get("current_latent")
+    if latent is not None and "latent" not in st.query_params:  # the sidebar's page menu drops ?latent=: put the
+        st.query_params["latent"] = str(latent)  # current one back, so every page (Steering too) can read it
+    if latent is not None:
+        st.sidebar.page_link(FEATURE_PAGE, label=f"Current latent: {md(f'#{latent}')}", icon=":material/lightbulb:",
+                             query_params=link_params(latent))
+
+
+def keep_state() -> None:
+    """Keep the pages' inputs (PERSIST) while another page is shown: call at the top of the entry script."""
+    for key in PERSIST:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+def md(text: str) -> str:
+    """Text shown literally inside Streamlit markdown (labels and tokens hold *, _, `, [, <, $ ...)."""
+    out = html.escape(str(text), quote=False)
+    for ch in "\\`*_{}[]()#+-.!|~$":
+        out = out.replace(ch, "\\" + ch)
+    return out.replace("\n", " ")
+
+
+def current_latent(d_sae: int) -> int:
+    """The latent the pages share: ?latent= when it just arrived (a link, a typed address), else the session's,
+    else 0; kept inside 0..d_sae-1 (another run may be smaller)."""
+    param = st.query_params.get("latent")
+    if param is not None and param != st.session_state.get("_latent_param"):
+        st.session_state["_latent_param"] = param
+        try:
+            st.session_state["current_latent"] = int(param)
+        except ValueError:
+            pass
+    latent = st.session_state.get("current_latent", 0)
+    return min(max(int(latent), 0), max(d_sae - 1, 0))
+
+
+def set_latent(latent: int) -> None:
+    """Make `latent` the current one (the session's and the address's ?latent=)."""
+    latent = int(latent)
+    st.session_state["current_latent"] = latent
+    st.session_state["_latent_param"] = str(latent)
+    st.query_params["latent"] = str(latent)  # sent even when equal: a page link to the page already shown
+    # changes the page's query parameters but not the browser's address, and this puts it right
+
+
+def link_params(latent: int) -> dict[str, str]:
+    params = {"latent": str(int(latent))}
+    run = st.session_state.get("run_label")
+    if run:
+        params["run"] = run
+    return params
+
+
+def latent_link(latent: int, store: FeatureStore | None = None, detail: str = "", page: str = FEATURE_PAGE,
+                container=None, text: str | None = None, icon: str | None = None) -> None:
+    """A link to a latent's page drawn as st.page_link: '#id label · detail' (or `text`); it opens in the same tab
+    and keeps the session (the run, the current searches). `page` may be another page that reads ?latent=."""
+    if text is None:
+        text = f"**#{int(latent)}** {md(latent_title(store, latent)[len(f'#{int(latent)}'):].strip())}"
+        if detail:
+            text += f" · {md(detail)}"
+    (container or st).page_link(page, label=text, icon=icon, query_params=link_params(latent))
 
 
 def current_run() -> Run | None:
@@ -125,11 +202,12 @@ def show_token(text: str) -> str:
     return html.escape(text).replace("\n", "⏎").replace(" ", "&nbsp;") or "&nbsp;"
 
 
-def highlight(tokens: list[str], acts: list[float], scale: float | None = None, centre: int | None = None,
-              titles: list[str] | None = None) -> str:
-    """HTML spans, background by activation (orange positive, blue negative), the centre token underlined."""
+def spans(tokens: list[str], acts: list[float], scale: float | None = None, centre: int | None = None,
+          titles: list[str] | None = None, flags: set[int] | frozenset = frozenset()) -> str:
+    """One HTML span per token, background by activation (orange positive, blue negative, full colour at `scale`),
+    the centre token underlined, flagged tokens (`flags`, positions) boxed in red."""
     scale = scale or max([abs(a) for a in acts] + [1e-9])
-    spans = []
+    out = []
     for i, (tok, act) in enumerate(zip(tokens, acts)):
         alpha = min(abs(act) / scale, 1.0)
         colour = f"rgba(255,140,0,{alpha:.2f})" if act >= 0 else f"rgba(60,120,255,{alpha:.2f})"
@@ -138,19 +216,71 @@ def highlight(tokens: list[str], acts: list[float], scale: float | None = None, 
         if i == centre:
             style += ";border-bottom:2px solid #c00;font-weight:600"
         cls = "tok tok-on" if act != 0 else "tok"
-        spans.append(f'<span class="{cls}" title="{html.escape(title)}" style="{style}">{show_token(tok)}</span>')
-    return ('<div style="font-family:monospace;line-height:1.9;margin:2px 0 6px 0;white-space:normal">'
-            + "".join(spans) + "</div>")
+        if i in flags:
+            style += ";outline:2px solid #d00"
+            cls += " tok-flag"
+        out.append(f'<span class="{cls}" title="{html.escape(title)}" style="{style}">{show_token(tok)}</span>')
+    return "".join(out)
 
 
-def feature_link(latent: int, text: str | None = None) -> str:
-    """Markdown link to a latent's feature page (keeps the selected run)."""
-    from urllib.parse import quote
+BLOCK = '<div style="font-family:monospace;line-height:1.9;margin:2px 0 6px 0;white-space:normal">'
 
-    label = text or f"#{latent}"
-    run = st.session_state.get("run_label")
-    suffix = f"&run={quote(run)}" if run else ""
-    return f"[{label}](feature?latent={latent}{suffix})"
+
+def highlight(tokens: list[str], acts: list[float], scale: float | None = None, centre: int | None = None,
+              titles: list[str] | None = None, flags: set[int] | frozenset = frozenset()) -> str:
+    """A block of highlighted tokens (see `spans`)."""
+    return BLOCK + spans(tokens, acts, scale, centre, titles, flags) + "</div>"
+
+
+def context(example: dict, scale: float | None, left: int = 10, right: int = 3) -> str:
+    """One stored context: its activation inline, then the `left` tokens before the centre token and the `right`
+    after it; a click (HTML <details>, no rerun) shows the whole stored window."""
+    tokens, acts, centre = example["tokens"], example["acts"], example["centre"]
+    badge = ('<span class="ctx-value" style="display:inline-block;min-width:4.2em;background:#eee;border-radius:3px;'
+             f'padding:0 4px;margin-right:6px;text-align:right">{example["value"]:.3g}</span>')
+    lo, hi = max(0, centre - left), min(len(tokens), centre + right + 1)
+    short = spans(tokens[lo:hi], acts[lo:hi], scale, centre - lo)
+    if lo == 0 and hi == len(tokens):
+        return BLOCK + badge + short + "</div>"
+    dots = '<span style="color:#999">…</span>'
+    summary = badge + (dots if lo > 0 else "") + short + (dots if hi < len(tokens) else "")
+    return ('<details class="ctx" style="font-family:monospace;line-height:1.9;margin:1px 0">'
+            f'<summary style="cursor:pointer">{summary}</summary>'
+            f'<div class="ctx-long" style="margin:0 0 6px 1.4em">{spans(tokens, acts, scale, centre)}</div></details>')
+
+
+def contexts(examples: list[dict], scale: float | None) -> str:
+    return "".join(context(e, scale) for e in examples)
+
+
+def feature_href(latent: int) -> str:
+    from urllib.parse import urlencode
+
+    return "feature?" + urlencode(link_params(latent))
+
+
+def feature_link(latent: int, text: str | None = None, store: FeatureStore | None = None) -> str:
+    """An HTML link to a latent's feature page for markdown text and tables (render it with
+    unsafe_allow_html=True): it opens in the same tab (target=_self) and the address carries ?latent= and the
+    selected ?run=; the text defaults to '#id label'. For lists prefer `latent_link` (no page reload)."""
+    label = text if text is not None else latent_title(store, latent)
+    return (f'<a href="{html.escape(feature_href(latent))}" target="_self" class="latent-link">'
+            f"{html.escape(label)}</a>")
+
+
+def features_or_none(run: Run) -> FeatureStore | None:
+    """The run's feature store when it has one (labels, top activations), else None."""
+    if not run.has_features():
+        return None
+    index = run.path / "features" / "index.json"
+    return feature_store(str(run.path / "features"), index.stat().st_mtime)
+
+
+def flagged(acts, top_max: float | None, ratio: float = FLAG_RATIO) -> set[int]:
+    """Positions whose activation exceeds `ratio` times the latent's largest top-context activation."""
+    if not top_max or top_max <= 0:
+        return set()
+    return {i for i, a in enumerate(acts) if float(a) > ratio * top_max}
 
 
 def latent_title(store: FeatureStore | None, latent: int) -> str:

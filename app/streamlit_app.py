@@ -12,8 +12,19 @@ import streamlit as st  # noqa: E402
 from app import common  # noqa: E402
 
 st.set_page_config(page_title="saewb", layout="wide")
+common.keep_state()
+runs_page = st.Page("views/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs")
+
+
+def home() -> None:
+    """The app's root address opens the Runs page at /runs (Streamlit serves its default page at / only, so Runs
+    itself is not the default: /runs then resolves like every other page), keeping ?run= and ?latent=."""
+    st.switch_page(runs_page, query_params=st.query_params.to_dict())
+
+
 pages = [
-    st.Page("views/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
+    st.Page(home, title="Home", url_path="home", default=True, visibility="hidden"),
+    runs_page,
     st.Page("views/feature.py", title="Feature", icon=":material/lightbulb:", url_path="feature"),
     st.Page("views/live.py", title="Live", icon=":material/edit_note:", url_path="live"),
     st.Page("views/steering.py", title="Steering", icon=":material/alt_route:", url_path="steering"),

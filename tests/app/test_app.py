@@ -1,5 +1,8 @@
-"""The feature store against brute force, every app page under AppTest, and the real server in headless Chromium."""
+"""The feature store against brute force, every app page under AppTest (labels, links, the shared latent and
+searches, the density view, the latent shading and its flags), and the real server in headless Chromium (links open
+in the same tab and keep the run, the latent and the search)."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -83,6 +86,8 @@ def test_feature_store_matches_brute_force(runs, brute):
         assert sum(record["hist"]["counts"]) == int(firing.sum())
         assert len(record["neighbours"]) == 10 and latent not in [n["latent"] for n in record["neighbours"]]
         assert len(record["logit_lens"]["top"]) == 10 and "γ" in record["logit_lens_note"]
+    labels = json.loads((runs / "tiny" / "features" / "labels.json").read_text())  # saved with the store
+    assert len(labels) == store.d_sae and all(labels) and store.label(7) == labels[7]
 
 
 def test_store_lists_runs_and_searches_tokens(runs):
@@ -132,31 +137,129 @@ def test_runs_page(app_test):
     assert any("wandb" in m.value for m in at.markdown)
 
 
-def test_feature_page(app_test):
+def chart(at, text: str) -> dict:
+    """The first plotly chart whose figure JSON contains `text`."""
+    return next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if text in c.proto.spec)
+
+
+def links(at) -> list[tuple[str, str]]:
+    """(label, query string) of every st.page_link drawn."""
+    return [(p.value, p.proto.query_string) for p in at.page_link]
+
+
+def test_feature_page(app_test, runs):
+    from app.common import latent_title, md
+
+    store = FeatureStore(runs / "tiny" / "features")
     at = app_test
     at.query_params["latent"] = "5"
     at.switch_page("views/feature.py").run()
     assert not errors(at)
-    assert any(h.value == "Latent 5" for h in at.header)
-    assert any("tok-on" in m.value for m in at.markdown)  # highlighted contexts
-    assert at.get("plotly_chart")  # histogram
+    assert at.header[0].value == md(latent_title(store, 5)) and store.label(5) in at.header[0].value.replace("\\", "")
+    top = next(m.value for m in at.markdown if "ctx-value" in m.value)  # top contexts: the value inline, and a
+    assert "tok-on" in top and "<details" in top and "ctx-long" in top  # click opens the whole stored window
+    record = store.latent(5)
+    assert f'{record["top"][0]["value"]:.3g}</span>' in top
+    groups = [m.value for m in at.markdown if m.value.startswith("**Quantile")]
+    assert len(groups) == 5  # 12 samples in 5 quantile groups
+    hist = chart(at, "activation (log bins)")  # the histogram's axis spans the bins with data, one either side
+    low, high = hist["layout"]["xaxis"]["range"]
+    edges, counts = record["hist"]["edges"], record["hist"]["counts"]
+    used = [i for i, c in enumerate(counts) if c]
+    assert 10 ** low == pytest.approx(edges[max(used[0] - 1, 0)], rel=1e-4)
+    assert 10 ** high == pytest.approx(edges[min(used[-1] + 2, len(counts))], rel=1e-4)
+    density = chart(at, "log10 density")  # every latent's density, this one marked
+    assert len(density["data"][0]["x"]) == int((store.column("density") > 0).sum())
+    assert any(shape["x0"] == pytest.approx(math.log10(record["density"])) for shape in density["layout"]["shapes"])
+    assert chart(at, "Promoted tokens")["data"][0]["type"] == "bar"  # logit lens as bars
+    neighbours = [n["latent"] for n in record["neighbours"]]  # labelled links that keep the run
+    assert {q for _, q in links(at)} >= {f"latent={n}&run=tiny" for n in neighbours}
+    assert any(label.startswith(f"**#{neighbours[0]}** ") and "cos" in label for label, _ in links(at))
+    # try your own text: shaded by this latent
+    at.text_area(key="feature_text").input("Mr. Woodhouse said that Emma was happy.").run()
+    assert not errors(at)
+    assert any("tok" in m.value and "Mr" in m.value for m in at.markdown)
+    assert any(c.value.startswith("Latent 5 on your text: max") for c in at.caption)
+    # searches: by token (top contexts, logit lens) and by label text; links carry the latent and the run
     at.text_input(key="token_query").input("the").run()
     assert not errors(at)
+    assert any("centre on" in m.value for m in at.markdown)
+    word = next(label.split("›")[0].lstrip("‹") for label in store.labels if label.startswith("‹"))
+    at.text_input(key="token_query").input(word).run()
+    hits = store.search_text(word)
+    assert hits and any(q == f"latent={hits[0]['latent']}&run=tiny" for _, q in links(at))
     at.text_input(key="text_query").input("Mr. Woodhouse said").run()
     assert not errors(at)
-    assert any("feature?latent=" in m.value and "'Mr'" in m.value for m in at.markdown)
+    assert any("on 'Mr'" in label or "on ' Wood" in label for label, _ in links(at))
     at.number_input(key="latent").set_value(7).run()
-    assert any(h.value == "Latent 7" for h in at.header)
+    assert at.header[0].value == md(latent_title(store, 7)) and at.query_params["latent"] == "7"
+    # the latent and the searches survive a visit to another page
+    at.switch_page("views/live.py").run()
+    at.switch_page("views/feature.py").run()
+    assert not errors(at)
+    assert at.header[0].value == md(latent_title(store, 7)) and at.text_input(key="token_query").value == word
+    assert at.text_input(key="text_query").value == "Mr. Woodhouse said"
 
 
-def test_live_page(app_test):
+def inline_link_script():
+    import streamlit as st
+
+    from app.common import feature_link
+
+    st.session_state["run_label"] = "a b"
+    st.markdown(feature_link(3, "#3 ‹x›"), unsafe_allow_html=True)
+
+
+def test_links_open_in_the_same_tab(app_test):
+    """Page links (lists) carry the latent and the run; inline links (markdown tables) are anchors with
+    target=_self, so they do not open a new tab either."""
+    from streamlit.testing.v1 import AppTest
+
     at = app_test
+    at.switch_page("views/feature.py").run()
+    assert links(at) and all(q.startswith("latent=") and q.endswith("&run=tiny") for _, q in links(at))
+    inline = AppTest.from_function(inline_link_script, default_timeout=90).run()
+    assert inline.markdown[0].value == ('<a href="feature?latent=3&amp;run=a+b" target="_self" '
+                                        'class="latent-link">#3 ‹x›</a>')
+
+
+def test_live_page(app_test, runs, monkeypatch):
+    from app.common import latent_title, md
+
+    store = FeatureStore(runs / "tiny" / "features")
+    at = app_test
+    at.query_params["latent"] = "2"
     at.switch_page("views/live.py").run()
     assert not errors(at)
     at.text_area(key="live_text").input("Emma was very happy.").run()
     assert not errors(at)
-    assert any("tok-on" in m.value for m in at.markdown)
-    assert any("feature?latent=" in m.value for m in at.markdown)
+    box = at.selectbox(key="live_shade")
+    shade = box.value
+    assert box.options[0] == box.format_func(shade) and latent_title(store, shade) in box.options[0]  # labelled
+    shaded = next(m.value for m in at.markdown if 'class="tok' in m.value)
+    assert f"#{shade} " in shaded  # every token's hover names the shading latent and its activation
+    assert any(md(latent_title(store, shade)) in m.value for m in at.markdown if m.value.startswith("**"))
+    assert any(q.startswith("latent=") for _, q in links(at))
+    other = next(o for o in box.options[1:])
+    pick = int(other.split()[0].lstrip("#"))
+    box.select(pick).run()  # picking a latent shades by it and makes it the current one
+    assert not errors(at)
+    assert at.selectbox(key="live_shade").value == pick and at.session_state["current_latent"] == pick
+    assert at.query_params["latent"] == str(pick)
+    assert not any("tok-flag" in m.value for m in at.markdown)
+    # an activation above twice the latent's top-context maximum is flagged (here every one: the stored maxima are
+    # made tiny)
+    original = FeatureStore.column
+
+    def tiny_top(self, name):
+        column = original(self, name)
+        return column * 1e-6 if name == "top_values" else column
+
+    monkeypatch.setattr(FeatureStore, "column", tiny_top)
+    at.text_area(key="live_text").input("Emma was very happy!").run()
+    assert not errors(at)
+    assert any("tok-flag" in m.value for m in at.markdown)
+    assert any("Far above latent" in w.value for w in at.warning)
 
 
 def test_steering_page(app_test):
@@ -238,21 +341,46 @@ def test_real_browser(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(wait)  # and for anything not listed here
             page.set_default_navigation_timeout(wait)
+            page.goto(f"{server}/runs", timeout=wait)  # a page's own address resolves: no "Page not found"
+            expect(page.get_by_role("heading", name="Runs").first).to_be_visible(timeout=wait)
+            expect(page.get_by_text("run(s) found")).to_be_visible(timeout=wait)
+            assert page.get_by_text("Page not found").count() == 0 and "run=tiny" in page.url
             page.goto(f"{server}/feature?latent=3", timeout=wait)
-            expect(page.get_by_text("Latent 3", exact=True)).to_be_visible(timeout=wait)
+            expect(page.get_by_role("heading", name="#3 ")).to_be_visible(timeout=wait)  # '#3 label'
             expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
-            search = page.get_by_label("Search latents by token")
+            first = page.locator("details.ctx").first
+            first.locator("summary").click(timeout=wait)  # a top context opens to its whole stored window
+            expect(first.locator(".ctx-long")).to_be_visible(timeout=wait)
+            search = page.get_by_label("Search latents by token, label or explanation")
             search.fill("the", timeout=wait)
             search.press("Enter", timeout=wait)
             expect(page.get_by_text("Latents whose top examples centre on")).to_be_visible(timeout=wait)
             page.screenshot(path=str(tmp_path / "feature.png"), full_page=True, timeout=wait)
-            page.goto(f"{server}/live", timeout=wait)
-            box = page.get_by_label("Text")
+            # a latent link opens the latent in the same tab, keeping the run and the search
+            page.get_by_role("tab", name="Neighbours").click(timeout=wait)
+            link = page.locator('[data-testid="stPageLink"] a').filter(has_text="cos").first
+            target = link.inner_text(timeout=wait).split()[0]  # '#N'
+            link.click(timeout=wait)
+            expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
+            page.wait_for_url(f"**/feature?*latent={target[1:]}*", timeout=wait)
+            assert len(page.context.pages) == 1 and "run=tiny" in page.url
+            expect(search).to_have_value("the", timeout=wait)
+            # to the Live page by the sidebar: the text is shaded by the current latent or the strongest on it
+            page.get_by_test_id("stSidebarNav").get_by_role("link", name="Live").click(timeout=wait)
+            box = page.get_by_label("Text", exact=True)
             box.fill("Emma was very happy at Hartfield.", timeout=wait)
             box.press("Control+Enter", timeout=wait)
-            expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
+            expect(page.get_by_text("Latents firing most on this text")).to_be_visible(timeout=wait)
+            expect(page.get_by_text("shaded by").first).to_be_visible(timeout=wait)
             assert page.locator("span.tok").count() >= 6
+            assert "run=tiny" in page.url and len(page.context.pages) == 1
             page.screenshot(path=str(tmp_path / "live.png"), full_page=True, timeout=wait)
+            # and back: the Feature page still shows the latent and the search
+            page.get_by_test_id("stSidebarNav").get_by_role("link", name="Feature").click(timeout=wait)
+            expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
+            expect(page.get_by_label("Search latents by token, label or explanation")).to_have_value(
+                "the", timeout=wait)
+            assert len(page.context.pages) == 1
         finally:
             browser.close()
     assert (tmp_path / "live.png").stat().st_size > 10_000
