@@ -358,12 +358,15 @@ def test_real_browser(server, tmp_path):
             page.screenshot(path=str(tmp_path / "feature.png"), full_page=True, timeout=wait)
             # a latent link opens the latent in the same tab, keeping the run and the search
             page.get_by_role("tab", name="Neighbours").click(timeout=wait)
-            link = page.locator('[data-testid="stPageLink"] a').filter(has_text="cos").first
+            link = page.get_by_role("link").filter(has_text=" · cos ").first
             target = link.inner_text(timeout=wait).split()[0]  # '#N'
             link.click(timeout=wait)
-            expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
+            try:
+                expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
+            finally:
+                assert len(page.context.pages) == 1, "the latent link opened another tab"
             page.wait_for_url(f"**/feature?*latent={target[1:]}*", timeout=wait)
-            assert len(page.context.pages) == 1 and "run=tiny" in page.url
+            assert "run=tiny" in page.url
             expect(search).to_have_value("the", timeout=wait)
             # to the Live page by the sidebar: the text is shaded by the current latent or the strongest on it
             page.get_by_test_id("stSidebarNav").get_by_role("link", name="Live").click(timeout=wait)
