@@ -7,7 +7,8 @@ table.csv, cards.json, stability.csv (runs differing only in seed) and plotly fi
 the Pareto front), delta LM loss vs L0, dead latents, and budget curves (FVU and delta LM loss vs measured L0) for
 variants with k. figures/*.html load plotly.js from its CDN (small files); report.html embeds it once and holds the
 table and every figure, so it opens offline. W&B is off by default (the files are the record); --wandb offline/online
-logs the table, the per-run numbers and the figures.
+logs the table, the per-run numbers and the figures into an eval run, and each run's report card (scalars with
+their intervals, figures) into that run's own training W&B run (`log_card_wandb`, by the id in wandb_id.txt).
 """
 import csv
 import os
@@ -419,6 +420,8 @@ def run_eval(cfg: EvalConfig, models: dict | None = None) -> list[dict]:
     print(f"Comparison of {len(cards)} run(s) written to {out} (table.md, table.csv, report.html, figures/)")
     if cfg.wandb != "off":
         log_wandb(cfg, cards, labels, figures, out)
+        for run, card in zip(runs, cards):
+            log_card_wandb(run, card, cfg.wandb, cfg.wandb_project)
     return cards
 
 
@@ -468,3 +471,49 @@ def log_wandb(cfg: EvalConfig, cards: list[dict], labels: list[str], figures: di
         run.log({f"eval/{name}": wandb.Html(open(out / "figures" / f"{name}.html").read()) for name in figures})
     finally:
         run.finish()
+
+
+def card_scalars(card: dict) -> dict:
+    """The report card's numbers as flat W&B keys: card/core/<metric>, card/<convention>/<metric> (the headline
+    convention as card/downstream/<metric>), each interval as <key>_low and <key>_high."""
+    scalars = {}
+    intervals = card.get("intervals", {})
+
+    def add(prefix: str, values: dict, cis: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars[f"{prefix}/{key}"] = value
+                ci = cis.get(key)
+                if ci and None not in ci:
+                    scalars[f"{prefix}/{key}_low"], scalars[f"{prefix}/{key}_high"] = ci
+    add("card/core", card.get("core", {}), intervals.get("core", {}))
+    add("card/downstream", card.get("downstream", {}), intervals.get("downstream", {}))
+    for name, values in card.get("downstream_conventions", {}).items():
+        add(f"card/{name}", values, intervals.get("downstream_conventions", {}).get(name, {}))
+    return scalars
+
+
+def log_card_wandb(run_dir: Path, card: dict, mode: str, project: str = "saewb") -> str | None:
+    """Log a report card (scalars with intervals, its figures) into the run's own training W&B run, resumed by the
+    id in wandb_id.txt (the run folder, or the job's folder for one SAE of a sweep; keys then start with the SAE's
+    name). Returns the run id, or None when the run has no W&B run (trained with --wandb off, or imported)."""
+    from training.logger import read_wandb_id, wandb_init
+
+    run_dir = Path(run_dir)
+    job_dir = next((d for d in (run_dir, run_dir.parent) if read_wandb_id(d)), None)
+    if mode == "off" or job_dir is None:
+        return None
+    import wandb
+
+    prefix = "" if job_dir == run_dir else f"{run_dir.name}/"
+    scalars = {prefix + k: v for k, v in card_scalars(card).items()}
+    run, earlier = wandb_init(mode, project=project, name=job_dir.name, config=None, wandb_dir=job_dir,
+                              resume_id=read_wandb_id(job_dir))
+    try:
+        run.log(scalars | {f"{prefix}card/{name}": wandb.Plotly(figure) for name, figure in card_figures(card).items()})
+        run.summary.update(scalars)
+        return run.id
+    finally:
+        from training.logger import finish_wandb
+
+        finish_wandb(run, earlier)

@@ -5,8 +5,10 @@ Records arrive every step with their losses and metrics still on the device (tra
 buffered and read back in one transfer at each W&B step (`to_wandb`), at `flush` and at `close`, so logging every
 step to metrics.jsonl costs no device sync per step.
 """
+import glob
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ class RunLogger:
 
     def __init__(self, folders: dict[str, Path], config: dict, *, wandb_mode: str = "offline", project: str = "saewb",
                  run_name: str = "run", wandb_dir: Path | None = None, resume_id: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, wandb_resume_step: int | None = None):
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}.")
         self.files = {}
@@ -35,14 +37,11 @@ class RunLogger:
             self.files[name].writelines(line + "\n" for line in kept)
         self.prefix = len(folders) > 1
         self.pending: list[tuple[str, dict]] = []  # (SAE name, line) not yet read back and written
-        self.run = None
-        if wandb_mode != "off":
-            os.environ["WANDB_MODE"] = wandb_mode  # the env var (not only init's mode=) also silences analytics
-            os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
-
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=str(wandb_dir or "."),
-                                  id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous")
+        self.run, self.earlier = None, []
+        if wandb_mode != "off":  # resume_id continues that run, from wandb_resume_step (default resume_step) on
+            self.run, self.earlier = wandb_init(
+                wandb_mode, project=project, name=run_name, config=config, wandb_dir=wandb_dir or Path("."),
+                resume_id=resume_id, resume_step=resume_step if wandb_resume_step is None else wandb_resume_step)
 
     @property
     def wandb_id(self) -> str | None:
@@ -79,15 +78,20 @@ class RunLogger:
                 self.files[name].write(json.dumps(line) + "\n")
         return lines
 
-    def log_histograms(self, name: str, per_token_l0: torch.Tensor, log10_density: torch.Tensor, step: int) -> None:
-        """Per-token L0 (variable-sparsity variants) and feature density histograms, to W&B only."""
+    def log_histograms(self, name: str, per_token_l0: torch.Tensor, log10_density: torch.Tensor, step: int,
+                       silent: int | None = None) -> None:
+        """Per-token L0 (variable-sparsity variants) and feature density histograms, to W&B only; `silent`, the
+        latents that never fired over the window (left out of the log10 density), as silent_latents."""
         if self.run is None:
             return
         import wandb
 
-        self.run.log({self.key(name, "per_token_l0"): wandb.Histogram(per_token_l0.float().cpu().numpy()),
-                      self.key(name, "log10_feature_density"): wandb.Histogram(log10_density.float().cpu().numpy())},
-                     step=step)
+        payload = {self.key(name, "per_token_l0"): wandb.Histogram(per_token_l0.float().cpu().numpy())}
+        if log10_density.numel():  # no latent fired over the window: nothing to bin
+            payload[self.key(name, "log10_feature_density")] = wandb.Histogram(log10_density.float().cpu().numpy())
+        if silent is not None:
+            payload[self.key(name, "silent_latents")] = silent
+        self.run.log(payload, step=step)
 
     def log_artifact(self, name: str, folder: Path) -> None:
         """The final SAE folder as a W&B model artifact."""
@@ -112,5 +116,105 @@ class RunLogger:
             for handle in self.files.values():
                 handle.close()
         if self.run is not None:
-            self.run.finish()
+            finish_wandb(self.run, self.earlier)
             self.run = None
+
+
+# ---- one W&B run per job, also offline -------------------------------------------------------------------------
+def read_wandb_id(run_dir: Path) -> str | None:
+    """The job's W&B run id (run_dir/wandb_id.txt, written when its W&B run starts), or None."""
+    path = Path(run_dir) / "wandb_id.txt"
+    text = path.read_text().strip() if path.is_file() else ""
+    return text or None
+
+
+def offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline folders of run `run_id` under wandb_dir/wandb, oldest first."""
+    return sorted(Path(p) for p in glob.glob(str(Path(wandb_dir) / "wandb" / f"offline-run-*-{glob.escape(run_id)}")))
+
+
+def wandb_init(mode: str, *, project: str, name: str, config: dict | None, wandb_dir: Path,
+               resume_id: str | None = None, resume_step: int | None = None, job_type: str | None = None):
+    """(run, earlier folders): wandb.init, continuing run `resume_id` when given (resume='allow').
+
+    Online, W&B continues that run. Offline, wandb cannot resume: it starts a new folder with the same id, and
+    `wandb sync` of the two keeps only one of them. So the newest earlier folder of that id that reads back is
+    replayed into the new run (history rows up to W&B step `resume_step`, the trainer's step at the checkpoint,
+    or all when None; scalars, histograms, tables, HTML and plotly media; its config under the new one), and
+    `finish_wandb` deletes the earlier folders once the new run has finished: one folder holds the whole run. A job
+    killed before that keeps both; the next one replays the newest that reads back."""
+    os.environ["WANDB_MODE"] = mode  # the env var (not only init's mode=) also silences analytics
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    earlier = offline_folders(wandb_dir, resume_id) if resume_id and mode == "offline" else []
+    rows, old_config, source = [], {}, None
+    for folder in reversed(earlier):
+        try:
+            from training.wandb_offline import read_history
+
+            old_config, rows = read_history(next(folder.glob("run-*.wandb")))
+            source = folder
+            break
+        except Exception:  # truncated by a kill, or no .wandb file: try an older one
+            continue
+    old_config = {k: v for k, v in old_config.items() if not k.startswith("_")}
+    run = wandb.init(project=project, name=name, config=old_config | (config or {}), dir=str(wandb_dir),
+                     id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous", job_type=job_type)
+    current = Path(run.dir).parent
+    earlier = [f for f in earlier if f.resolve() != current.resolve()]
+    if source is not None:
+        for row in rows:
+            step = row.get("_step")
+            if step is None or (resume_step is not None and step > resume_step):
+                continue
+            payload = {k: v for k, v in ((k, replay_value(v, source / "files")) for k, v in media_grouped(row).items()
+                                         if not k.startswith("_")) if v is not None}
+            if payload:
+                run.log(payload, step=step)
+    return run, earlier
+
+
+def media_grouped(row: dict) -> dict:
+    """A history row read back with media flattened ('x/_type', 'x/values', ...) with each medium as one dict again."""
+    media = sorted((k[:-len("/_type")] for k in row if k.endswith("/_type")), key=len, reverse=True)
+    grouped: dict = {}
+    for key, value in row.items():
+        prefix = next((m for m in media if key.startswith(m + "/")), None)
+        if prefix is None:
+            grouped[key] = value
+        else:
+            grouped.setdefault(prefix, {})[key[len(prefix) + 1:]] = value
+    return grouped
+
+
+def replay_value(value, files: Path):
+    """A history value read back from an offline run, as something run.log takes again (None: not replayable)."""
+    if not isinstance(value, dict) or "_type" not in value:
+        return value
+    import wandb
+
+    kind = value["_type"]
+    try:
+        if kind == "histogram":
+            return wandb.Histogram(np_histogram=(value["values"], value["bins"]))
+        path = files / value["path"]
+        if kind == "html-file":
+            return wandb.Html(path.read_text())
+        if kind == "table-file":
+            data = json.loads(path.read_text())
+            return wandb.Table(columns=data["columns"], data=data["data"])
+        if kind == "plotly-file":
+            import plotly.io
+
+            return wandb.Plotly(plotly.io.from_json(path.read_text()))
+    except (KeyError, OSError, ValueError):
+        return None
+    return None
+
+
+def finish_wandb(run, earlier: list[Path]) -> None:
+    """Finish the run, then remove the earlier offline folders of its id (their history is in this one)."""
+    run.finish()
+    for folder in earlier:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -9,6 +9,8 @@ import dataclasses
 import itertools
 from itertools import islice
 import json
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from training.caching import CacheConfig, cache_activations
 from training.checkpoint import (estimate_bytes, latest_checkpoint, list_checkpoints, remove_partial,
                                  resume_checkpoint, save_checkpoint)
 from training.loaders import cache_batches, model_batches
-from training.logger import WANDB_MODES, RunLogger
+from training.logger import WANDB_MODES, RunLogger, read_wandb_id
 from training.trainer import LoopConfig, NonFiniteLossError, Trainer
 
 
@@ -80,6 +82,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checked before any model loads."""
+        try:
+            self.cache.validate()  # first: it also fills in the default hook the checks below compare against
+        except ValueError as error:  # the cache's own flags are --cache.* here
+            raise ValueError(re.sub(r"(?<![\w.-])--(?!cache\.)(?=[a-z])", "--cache.", str(error))) from None
         for name in self.architectures:
             if name not in ARCHITECTURES and sae_class(name):  # unknown names list the registered ones
                 raise ValueError(f"--architectures {name}: this architecture is inference-only (it loads other "
@@ -103,7 +109,6 @@ class TrainConfig:
         if self.batch_size % dist.world_size():
             raise ValueError(f"--batch-size {self.batch_size} must divide evenly over {dist.world_size()} ranks.")
         self.loop.validate()
-        self.cache.validate()
 
     @property
     def train_hooks(self) -> list[str]:
@@ -179,9 +184,12 @@ def prepare_run_dir(cfg: TrainConfig, config: dict) -> str:
     """'done' (same job finished), 'resume' (same job, a checkpoint exists) or 'fresh'."""
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.json"
-    if saved.is_file() and read_run_json(saved) != config:
+    if saved.is_file() and (found := read_run_json(saved)) != config:
         if not cfg.overwrite:
-            raise ValueError(f"{run_dir} holds a different training job: pass another --run-dir, or --overwrite.")
+            changes = config_changes(found, config)
+            listed = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            raise ValueError(f"{run_dir} holds a different training job ({listed}): pass another --run-dir, or "
+                             "--overwrite.")
         import shutil
 
         for child in run_dir.iterdir():  # everything but the lock this process holds
@@ -190,6 +198,21 @@ def prepare_run_dir(cfg: TrainConfig, config: dict) -> str:
     if saved.is_file() and all((f / "summary.json").is_file() for f in sae_folders(cfg).values()):
         return "done"
     return "resume" if saved.is_file() and latest_checkpoint(run_dir) else "fresh"
+
+
+def config_changes(saved: dict, asked: dict, prefix: str = "") -> list[str]:
+    """The fields in which two job configs differ, as flags: '--cache.tokens 20480 there, 40960 asked'."""
+    missing = object()
+    changes = []
+    for key in sorted(set(saved) | set(asked)):
+        old, new = saved.get(key, missing), asked.get(key, missing)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            def show(value) -> str:
+                return "unset" if value is missing else json.dumps(value)
+            changes.append(f"--{prefix}{key.replace('_', '-')} {show(old)} there, {show(new)} asked")
+    return changes
 
 
 def read_run_json(path: Path) -> dict:
@@ -303,9 +326,23 @@ def train_locked(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
         resumed_from, state = resume_checkpoint(cfg.run_dir)
         if state is not None:
             trainer.load_state_dict(state)
+            if dist.is_main():
+                print(f"saewb: resuming {cfg.run_dir} from step {trainer.step} of {steps} ({trainer.tokens:,} tokens "
+                      f"trained, checkpoint {resumed_from.name})", file=sys.stderr, flush=True)
     if dist.is_main():
         check_space(cfg, trainer)
-    run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from, make_batches)
+    logger = run_loop(cfg, trainer, make_batches(), steps, config, folders, progress, resumed_from, make_batches)
+    try:
+        return write_summaries(cfg, trainer, saes, folders, logger,
+                               (cache, cache_dir, eval_ids, held_out) if cfg.source == "cache" else None)
+    finally:
+        logger.close()
+
+
+def write_summaries(cfg: TrainConfig, trainer: Trainer, saes: dict, folders: dict[str, Path], logger: RunLogger,
+                    evaluation: tuple | None) -> dict[str, dict]:
+    """Each SAE's summary.json (with FVU, L0 and never-fired latents on the evaluation shards when trained from a
+    cache); those numbers also go to the job's W&B run, as eval/* (its report card so far)."""
     summaries = {}
     if dist.is_main():
         for name, (sae, hook) in saes.items():
@@ -314,10 +351,14 @@ def train_locked(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
             summary = {"architecture": sae.architecture, "hook": hook, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                        "steps": trainer.step, "train_tokens": trainer.tokens, **trainer.timings,
                        "this_sae_seconds": trainer.states[name].seconds}
-            if cfg.source == "cache":
+            if evaluation is not None:
+                cache, cache_dir, eval_ids, held_out = evaluation
                 summary |= evaluate(load_sae(folder), cache, hook, eval_ids)
                 summary["eval_split"] = "held-out shards" if held_out else "training data (single-shard cache)"
                 summary["cache"] = str(cache_dir)
+                if logger.run is not None:
+                    logger.run.summary.update({logger.key(name, f"eval/{k}"): summary[k]
+                                               for k in ("fvu", "l0", "never_fired_frac", "eval_tokens")})
             failpoint("train.before_summary")  # tests: final weights written, the "done" mark not yet
             write_json_atomic(folder / "summary.json", summary)  # the run's "done" mark: whole or absent
             summaries[name] = summary
@@ -342,9 +383,14 @@ def calibrate(trainer: Trainer, batches, n_batches: int, progress: bool) -> None
 
 
 def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: dict, folders: dict[str, Path],
-             progress: bool, resumed_from: Path | None, make_batches) -> None:
+             progress: bool, resumed_from: Path | None, make_batches) -> RunLogger:
     """Step through the batches with progress, metrics, histograms and checkpoints; calibrate thresholds at the
-    end (on a fresh pass over the training batches, `make_batches()`), then write the final checkpoint and SAEs."""
+    end (on a fresh pass over the training batches, `make_batches()`), then write the final checkpoint and SAEs.
+    Returns the logger, still open (the caller adds the evaluation and closes it); closed here on an error.
+
+    W&B: one run per job. Its id is kept in run_dir/wandb_id.txt and reused by any later run of the same job
+    (resume='allow'), so a resumed job continues the same run (offline, in the same single folder:
+    training.logger.wandb_init)."""
     main = dist.is_main()
     for _ in range(trainer.step):  # exact resume: skip the batches already trained on
         next(batches)
@@ -358,8 +404,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     wandb_id_file = run_dir / "wandb_id.txt"
     logger = RunLogger(folders if main else {}, config, wandb_mode=cfg.wandb if main else "off",
                        project=cfg.wandb_project, run_name=run_dir.name, wandb_dir=run_dir,
-                       resume_id=wandb_id_file.read_text().strip() if resumed_from and wandb_id_file.is_file() else None,
-                       resume_step=trainer.step if resumed_from else None)
+                       resume_id=read_wandb_id(run_dir), resume_step=trainer.step if resumed_from else None,
+                       wandb_resume_step=trainer.step)
     if main and logger.wandb_id:
         wandb_id_file.write_text(logger.wandb_id)
     bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",
@@ -367,7 +413,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     next_checkpoint = trainer.tokens + cfg.checkpoint_every if cfg.checkpoint_every else None
     fired = {name: torch.zeros(s.sae.cfg.d_sae) for name, s in trainer.states.items()}
     window = 0
-    data_seconds, started = 0.0, time.perf_counter()
+    data_seconds, started, start_tokens = 0.0, time.perf_counter(), trainer.tokens
+    finished = False
     try:
         while trainer.step < steps:
             tick = time.perf_counter()
@@ -378,7 +425,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
             records = trainer.train_step(batch)
             window += cfg.batch_size // dist.world_size()
             elapsed = time.perf_counter() - started
-            extra = {"tokens_per_s": trainer.tokens / max(elapsed, 1e-9), "data_s": data_seconds,
+            extra = {"tokens_per_s": (trainer.tokens - start_tokens) / max(elapsed, 1e-9), "data_s": data_seconds,
                      "sae_s": trainer.timings["sae_seconds"]}
             for name, record in records.items():
                 fired[name] += (record["_codes"] != 0).sum(0).cpu()
@@ -387,8 +434,9 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                 logger.log(records, trainer.step, extra, to_wandb=to_wandb)
                 if to_wandb:
                     for name, record in records.items():
-                        density = (fired[name] / window).clamp_min(1e-10).log10()
-                        logger.log_histograms(name, (record["_codes"] != 0).sum(-1).cpu(), density, trainer.step)
+                        alive = fired[name][fired[name] > 0]  # latents silent over the window have no log10
+                        logger.log_histograms(name, (record["_codes"] != 0).sum(-1).cpu(), (alive / window).log10(),
+                                              trainer.step, silent=len(fired[name]) - len(alive))
                         fired[name].zero_()
                     window = 0
             first = next(iter(records.values()))
@@ -404,11 +452,14 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
             for name, state in trainer.states.items():
                 save_final(state.sae, folders[name])
                 logger.log_artifact(name, folders[name])
+        finished = True
     except NonFiniteLossError as error:
         last = latest_checkpoint(run_dir)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
         raise FloatingPointError(f"{error} Training stopped; {where}.") from None
     finally:
         bar.close()
-        logger.close()
+        if not finished:
+            logger.close()
         trainer.timings["data_seconds"] = data_seconds
+    return logger

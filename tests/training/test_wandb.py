@@ -1,0 +1,69 @@
+"""W&B (offline): a resumed job continues its one run (one id, one folder: the earlier history replayed, the earlier
+folder removed), its first throughput after the resume is not inflated, the density histogram has no sentinel bin,
+and `saewb eval --wandb offline` puts the report card into that same run."""
+import dataclasses
+import json
+import statistics
+
+import pytest
+
+from training.run import TrainConfig, train
+from training.trainer import LoopConfig, Trainer
+from training.wandb_offline import offline_runs, read_history
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def job(cache_cfg, run_dir) -> TrainConfig:
+    return TrainConfig(cache=cache_cfg, hooks=[HOOK], k=[8], expansion=2, batch_size=256, epochs=2,
+                       checkpoint_every=1024, wandb="offline", log_every=2, run_dir=run_dir,
+                       loop=LoopConfig(lr=1e-3, warmup_steps=5))
+
+
+def test_a_resumed_offline_run_is_one_run_and_receives_the_report_card(tiny_model, tiny_cache, tiny_cache_cfg,
+                                                                       tmp_path, monkeypatch):
+    from analysis.eval_compare import EvalConfig, run_eval
+
+    cfg = job(tiny_cache_cfg, tmp_path / "run")
+    real_step = Trainer.train_step
+
+    def dies_at_step_9(self, batch):
+        if self.step == 9:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=tiny_model, progress=False)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    run_id = (cfg.run_dir / "wandb_id.txt").read_text().strip()
+    (first,) = offline_runs(cfg.run_dir)
+    summary = train(cfg, model=tiny_model, progress=False)["sae"]  # resumes from the checkpoint at step 8
+
+    (resumed,) = offline_runs(cfg.run_dir)  # one folder: the first one was replayed into it, then removed
+    assert resumed != first and not first.exists() and resumed.name == f"run-{run_id}.wandb"
+    assert (cfg.run_dir / "wandb_id.txt").read_text().strip() == run_id
+    config, history = read_history(resumed)
+    assert config["k"] == [8]
+    logged = [row["_step"] for row in history if "fvu" in row]
+    expected = [s for s in range(1, summary["steps"] + 1) if s % 2 == 0 or s == summary["steps"]]
+    assert logged == expected  # every W&B step once: before the resume (replayed) and after it
+    densities = [row for row in history if "log10_feature_density/_type" in row]
+    assert densities and all(min(row["log10_feature_density/bins"]) > -9 for row in densities)  # no -10 bin
+    assert all(sum(row["log10_feature_density/values"]) + row["silent_latents"] == 2 * 64 for row in densities)
+
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    before = statistics.median(r["tokens_per_s"] for r in rows[1:8])
+    assert rows[8]["step"] == 8 and rows[8]["tokens_per_s"] < 4 * before  # counted from the resume, not step 0
+
+    cards = run_eval(EvalConfig(runs=[cfg.run_dir], max_contexts=4, bootstrap=20, budget_curve=False,
+                                stability=False, wandb="offline"), models={"tiny": tiny_model})
+    (after_eval,) = offline_runs(cfg.run_dir)  # still one folder, same id
+    assert after_eval.name == f"run-{run_id}.wandb"
+    _, history = read_history(after_eval)
+    assert [row["_step"] for row in history if "fvu" in row] == expected  # training history kept
+    card = next(row for row in history if "card/core/fvu" in row)
+    assert card["card/core/fvu"] == pytest.approx(cards[0]["core"]["fvu"])
+    assert card["card/downstream/ce_loss_recovered"] == pytest.approx(cards[0]["downstream"]["ce_loss_recovered"])
+    assert "card/core/fvu_low" in card and "card/saebench/kl_score_high" in card  # intervals too
+    assert card["card/density_histogram/_type"] == "plotly-file"  # the card's figures
