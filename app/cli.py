@@ -41,7 +41,9 @@ class DemoConfig:
     """Run folder to write."""
 
     def train_config(self, n_layers: int) -> TrainConfig:
-        hook = self.hook or f"blocks.{n_layers // 2}.hook_resid_post"
+        from training.caching import default_hook
+
+        hook = self.hook or default_hook(n_layers)
         dtype = fast_dtype() if self.dtype == "auto" else self.dtype
         cache = CacheConfig(model=self.model, hooks=[hook], tokens=self.tokens, dtype=dtype,  # type: ignore[arg-type]
                             shard_tokens=20_480)
@@ -61,9 +63,9 @@ def fast_dtype(device: str = "cpu") -> str:
 
 
 def n_layers_of(model_name: str) -> int:
-    from training.model import canonical_name
+    from training.caching import model_layers
 
-    return {"smollm2": 30, "tiny": 2}.get(canonical_name(model_name), 12)
+    return model_layers(model_name)
 
 
 def run_cache(cfg: CacheConfig) -> None:
@@ -118,14 +120,41 @@ def app_command(cfg: AppConfig) -> list[str]:
             "--", str(cfg.runs_dir)]
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now (nothing else listens there)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT leftovers are fine
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_app(cfg: AppConfig) -> None:
     import subprocess
 
+    from analysis.store import list_runs
+
+    if not cfg.runs_dir.exists():
+        raise ValueError(f"{cfg.runs_dir} is missing: pass the folder holding your runs (e.g. runs).")
     if not cfg.runs_dir.is_dir():
         raise ValueError(f"{cfg.runs_dir} is not a folder: pass the folder holding your runs (e.g. runs).")
+    if not list_runs(cfg.runs_dir):
+        raise ValueError(f"No runs under {cfg.runs_dir} (no folder with cfg.json + sae_weights.safetensors): train one "
+                         "with `saewb demo` or `saewb train`, or pass the folder holding your runs.")
+    if not 0 < cfg.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {cfg.port}.")
+    if not port_free(cfg.port):
+        raise OSError(f"Port {cfg.port} is in use on 127.0.0.1 (another saewb app or server?): pass another --port, "
+                      "or stop the one using it.")
     print(f"saewb app on http://127.0.0.1:{cfg.port} for runs under {cfg.runs_dir} (Ctrl-C to stop)")
     env = os.environ | {"SAEWB_RUNS_DIR": str(cfg.runs_dir.resolve())}
-    subprocess.run(app_command(cfg), check=False, env=env)
+    result = subprocess.run(app_command(cfg), check=False, env=env)
+    if result.returncode not in (0, -2, 130):  # -2 / 130: stopped with Ctrl-C
+        raise RuntimeError(f"streamlit stopped with exit status {result.returncode} (its messages are above).")
 
 
 def run_circuits(cfg: CircuitsConfig) -> None:
@@ -150,9 +179,15 @@ def run_demo(cfg: DemoConfig) -> None:
     run_dir = Path(cfg.run_dir)
     card_path = run_dir / "eval" / "metrics.json"
     card = json.loads(card_path.read_text()) if newer_than_weights(card_path, run_dir) else {}
-    if "convention" not in card.get("eval", {}):  # missing, stale, or written before the conventions: redo it
+    fresh = "convention" not in card.get("eval", {})  # missing, stale, or written before the conventions: redo it
+    if fresh:
         card = report_card(run_dir, max_contexts=16)  # 16 contexts keep the downstream passes to about a minute
     print("\nReport card (held-out tokens):\n" + format_report(card))
+    if fresh and train_cfg.wandb != "off":
+        from analysis.eval_compare import log_card_wandb
+
+        if log_card_wandb(run_dir, card, train_cfg.wandb, train_cfg.wandb_project):
+            print(f"Report card logged to the run's W&B run ({train_cfg.wandb}; folder {run_dir / 'wandb'}).")
     if not newer_than_weights(run_dir / "features" / "index.json", run_dir):
         build_features(FeaturesConfig(run_dir=run_dir))
     print(f"\nFeature store ready in {run_dir / 'features'}. Browse the features with:\n"
@@ -212,6 +247,20 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
+READ_FOLDERS = {"eval": "runs", "features": "run_dir", "circuits": "run_dir", "export": "run_dir"}
+"""Commands that read a folder that must exist already (the others create theirs)."""
+
+
+def check_folders(name: str, cfg) -> None:
+    """A folder a command reads that does not exist is called missing (not 'holds no SAE')."""
+    field = READ_FOLDERS.get(name)
+    values = getattr(cfg, field, None) if field else None
+    for path in values if isinstance(values, list) else [values] if values is not None else []:
+        if not Path(path).exists():
+            raise ValueError(f"{path} is missing: pass a run folder written by `saewb train` (cfg.json + "
+                             "sae_weights.safetensors).")
+
+
 def model_of(cfg) -> str | None:
     """The model a command will load, if any (to keep local models off the hub)."""
     if hasattr(cfg, "cache") and isinstance(cfg.cache, CacheConfig):
@@ -235,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if model is not None and is_local(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    handler = next(handler for config, handler, _ in COMMANDS.values() if type(cfg) is config)
+    name, handler = next((name, handler) for name, (config, handler, _) in COMMANDS.items() if type(cfg) is config)
     try:
+        check_folders(name, cfg)
         handler(cfg)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:  # user-fixable: one sentence
         print(f"saewb: error: {error}", file=sys.stderr)

@@ -195,6 +195,9 @@ class ActivationCache:
     def __init__(self, path: str | Path, *, model: str | None = None, hook: str | None = None, verify: bool = True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
+        if not self.path.exists():
+            raise CacheError(f"Cache folder {self.path} is missing (deleted or moved?): run the `saewb cache` command "
+                             "that wrote it again, or point at the folder where it is now.")
         if not manifest_path.is_file():
             hint = " (it is incomplete: run the same `saewb cache` command again to finish it)" if (
                 self.path / PROGRESS).is_file() else ""

@@ -31,8 +31,9 @@ class CacheConfig:
 
     model: str = EMBEDDED
     """Model: 'smollm2' (embedded SmolLM2-135M), 'tiny' (random 2-layer test model) or a TransformerLens/HF name."""
-    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
-    """Hook points to cache, all in one model pass (e.g. blocks.6.hook_resid_post blocks.6.attn.hook_z)."""
+    hooks: list[str] = field(default_factory=list)
+    """Hook points to cache, all in one model pass (e.g. blocks.6.hook_resid_post blocks.6.attn.hook_z); default the
+    residual stream after the model's middle block (blocks.15.hook_resid_post for smollm2, blocks.1 for tiny)."""
     corpus: str = "austen"
     """Text: 'austen' (embedded), a .txt/.parquet/.jsonl path or folder, or hf:DATASET[:CONFIG][:SPLIT]."""
     text_column: str = "text"
@@ -75,15 +76,37 @@ class CacheConfig:
     def contexts_per_shard(self) -> int:
         return max(1, self.shard_tokens // self.context_length)
 
+    def resolve_hooks(self, n_layers: int | None = None) -> None:
+        """Fill in the default hook (the middle block's resid_post) when none was given; `n_layers` from a loaded
+        model, else read from the model's config without loading it."""
+        if not self.hooks:
+            self.hooks = [default_hook(n_layers or model_layers(self.model))]
+
     def validate(self) -> None:
         if self.tokens <= 0:
             raise ValueError(f"--tokens must be positive, got {self.tokens}.")
         if self.batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}.")
-        if not self.hooks:
-            raise ValueError("Pass at least one hook, e.g. --hooks blocks.6.hook_resid_post.")
+        self.resolve_hooks()
         if len(set(self.hooks)) != len(self.hooks):
             raise ValueError(f"--hooks lists a hook twice: {self.hooks}.")
+
+
+def default_hook(n_layers: int) -> str:
+    """The residual stream after the middle block: the hook a model is cached at unless told otherwise."""
+    return f"blocks.{n_layers // 2}.hook_resid_post"
+
+
+def model_layers(name: str) -> int:
+    """A model's layer count without loading its weights: known for smollm2 and tiny, else its config.json."""
+    from training.model import TINY, load_config
+
+    name = canonical_name(name)
+    if name == EMBEDDED:
+        return 30
+    if name == TINY:
+        return 2
+    return load_config(name)["n_layers"]
 
 
 def default_folder(cfg: CacheConfig, key_fields: dict) -> Path:
@@ -143,11 +166,11 @@ def check_key(folder: Path, key_fields: dict) -> None:
         if path.is_file():
             found = read_state(path)["key_fields"]
             if found != key_fields:
-                changed = sorted(k for k in key_fields if found.get(k) != key_fields[k])
+                changed = sorted(k for k in set(key_fields) | set(found) if found.get(k) != key_fields.get(k))
+                listed = "; ".join(f"{k} {found.get(k)!r} there, {key_fields.get(k)!r} asked" for k in changed)
                 raise store.CacheError(
-                    f"{folder} holds a cache written with different {', '.join(changed)} "
-                    f"(e.g. model {found.get('model')!r}, hooks {found.get('hooks')}): use another --out folder "
-                    "or delete this one."
+                    f"{folder} holds a cache written with different {', '.join(changed)} ({listed}): use another "
+                    "--out folder or delete this one."
                 )
 
 
@@ -175,8 +198,10 @@ def cache_activations(cfg: CacheConfig, model=None, progress: bool = True, verif
 
     The folder is locked while shards are written: a second writer of the same cache waits, then finds it finished
     (or continues it where a killed one stopped); a finished cache is read without the lock."""
-    cfg.validate()
     cfg.model = canonical_name(cfg.model)
+    if model is not None:
+        cfg.resolve_hooks(model.cfg.n_layers)
+    cfg.validate()
     if model is None and (done_folder := finished_at_out(cfg)) is not None:
         return verified(done_folder) if verify else done_folder
     model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -204,6 +229,8 @@ def cache_activations(cfg: CacheConfig, model=None, progress: bool = True, verif
             stale.unlink(missing_ok=True)
         state = read_state(progress_path) if progress_path.is_file() else {"key_fields": key_fields, "shards": []}
         done = len(state["shards"])
+        if done and progress:
+            tqdm.write(f"saewb: resuming the cache {folder} from shard {done} of {n_shards}")
         store.write_json_atomic(progress_path, state)
         with tqdm(total=cfg.n_contexts * cfg.context_length,
                   initial=done * cfg.contexts_per_shard * cfg.context_length, unit="tok", unit_scale=True,

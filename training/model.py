@@ -154,6 +154,8 @@ def load_model(name: str = EMBEDDED, *, device: str = "cpu", dtype: str = "float
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; theirs are noise here
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if not is_local(name):
+        check_remote_name(name)
     try:
         model = TransformerBridge.boot_transformers(model_path(name), device=device, dtype=torch_dtype)
     except (OSError, ValueError) as error:
@@ -163,13 +165,116 @@ def load_model(name: str = EMBEDDED, *, device: str = "cpu", dtype: str = "float
         if is_local(name):
             raise
         raise ValueError(
-            f"Could not load model {name!r} ({str(error).splitlines()[0][:160]}). Use 'smollm2' (embedded), 'tiny', "
-            "a local Hugging Face folder, or a hub model TransformerLens supports (the hub must be reachable)."
+            f"Could not load model {name!r} ({str(error).splitlines()[0][:160]}).{did_you_mean(name)} Use 'smollm2' "
+            "(embedded), 'tiny', a local Hugging Face folder, or a hub model TransformerLens supports (the hub must be "
+            "reachable)."
         ) from None
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def known_names() -> list[str]:
+    """Names a model can be given by without the hub: the embedded and tiny models, their aliases, and the local
+    model folders (holding a config.json) in the current folder."""
+    try:
+        folders = sorted(p.name for p in Path(".").iterdir() if p.is_dir() and (p / "config.json").is_file())
+    except OSError:
+        folders = []
+    return [EMBEDDED, TINY, *ALIASES, *folders]
+
+
+def did_you_mean(name: str) -> str:
+    """' Did you mean 'smollm2'?' for a name close to a known one (difflib), else ''."""
+    names = known_names()
+    by_key = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_key), n=1, cutoff=0.6)
+    return f" Did you mean {by_key[close[0]]!r}?" if close else ""
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face endpoint ($HF_ENDPOINT, else huggingface.co) accepts a TCP connection within
+    `timeout` seconds (name lookup included: it runs in a thread that is abandoned when it takes longer)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def hub_cached(name: str) -> bool:
+    """Whether the Hugging Face cache already holds the model's config.json (it then loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an unusual name (e.g. not repo-id shaped) is simply not cached
+        return False
+
+
+def check_remote_name(name: str) -> None:
+    """Before a name that is neither embedded, tiny nor a local folder goes to the hub: a path-like name that does
+    not exist is called missing, and an unreachable hub is said in one sentence at once (the hub client would
+    retry for about half a minute), unless the model is in the Hugging Face cache, which then loads offline."""
+    hint = did_you_mean(name)
+    path_like = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub names are NAME or ORG/NAME
+    if path_like and not Path(name).expanduser().exists():
+        raise ValueError(f"Model folder {name} is missing.{hint} Use 'smollm2' (embedded), 'tiny', a local Hugging "
+                         "Face folder, or a hub model name.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or hub_reachable():
+        return
+    if hub_cached(name):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # load from the cache without waiting on the hub
+        try:
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import by the hub client
+        except ImportError:
+            pass
+        return
+    raise ValueError(f"Model {name!r} is not 'smollm2', 'tiny' or a local folder, and the Hugging Face hub is not "
+                     f"reachable to fetch it.{hint} Use 'smollm2' (embedded), 'tiny' or a local Hugging Face folder, "
+                     "or connect to the hub.")
+
+
+def load_config(name: str) -> dict:
+    """{'n_layers': ...} of a model from its config.json (a local folder, the Hugging Face cache or the hub) without
+    loading its weights; an unknown name is refused as `load_model` refuses it."""
+    name = canonical_name(name)
+    if not is_local(name):
+        check_remote_name(name)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path(name))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read the config of model {name!r} ({str(error).splitlines()[0][:160]})."
+                         f"{did_you_mean(name)} Use 'smollm2' (embedded), 'tiny', a local Hugging Face folder, or a "
+                         "hub model TransformerLens supports (the hub must be reachable).") from None
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return {"n_layers": getattr(config, key)}
+    raise ValueError(f"The config of model {name!r} does not say how many layers it has: pass --hooks.")
 
 
 def unsupported_architecture(name: str) -> str | None:

@@ -59,3 +59,113 @@ def test_bad_input_gives_one_clear_sentence_and_nonzero_exit(args, message, caps
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("saewb: error: ") and message in last_line
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+# ---- edges: each one sentence and a non-zero exit ----------------------------------------------------------------
+def last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("saewb: error: "), lines
+    return lines[-1]
+
+
+def fake_run(folder):
+    """A folder the app lists as a run (cfg.json + sae_weights.safetensors)."""
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text("{}")
+    (folder / "sae_weights.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_app_refuses_a_folder_without_runs(tmp_path, capsys):
+    assert main(["app", str(tmp_path)]) == 1
+    assert "No runs under" in last_error(capsys)
+    assert main(["app", str(tmp_path / "nowhere")]) == 1
+    assert "is missing" in last_error(capsys)
+
+
+def test_app_refuses_a_port_in_use_before_starting_streamlit(tmp_path, capsys, monkeypatch):
+    import socket
+    import subprocess
+
+    fake_run(tmp_path / "runs" / "one")
+    started = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: started.append(a) or subprocess.CompletedProcess(a, 0))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", str(tmp_path / "runs"), "--port", str(port)]) == 1
+    captured = capsys.readouterr()
+    assert f"Port {port} is in use" in captured.err and "http://" not in captured.out and not started
+    assert main(["app", str(tmp_path / "runs"), "--port", str(port)]) == 0  # free again: streamlit starts
+    assert started and "--server.port" in started[0][0]
+
+
+def test_missing_folders_are_called_missing(tmp_path, capsys):
+    for args in (["eval", str(tmp_path / "gone")], ["features", str(tmp_path / "gone")],
+                 ["circuits", "--run-dir", str(tmp_path / "gone")], ["export", str(tmp_path / "gone")]):
+        assert main(args) == 1, args
+        assert f"{tmp_path / 'gone'} is missing" in last_error(capsys)
+
+
+def test_a_broken_manifest_is_named(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["cache", "--model", "tiny", "--tokens", "1024", "--out", str(out)]) == 0
+    (out / "manifest.json").write_text("{truncated")
+    assert main(["train", "--cache.model", "tiny", "--cache.tokens", "1024", "--cache.out", str(out),
+                 "--run-dir", str(tmp_path / "r")]) == 1
+    assert f"{out / 'manifest.json'} is not valid JSON" in last_error(capsys)
+    from training.activation_store import ActivationCache, CacheError
+
+    with pytest.raises(CacheError, match=f"Cache folder {tmp_path / 'gone'} is missing"):
+        ActivationCache(tmp_path / "gone")
+
+
+def test_a_wrong_model_name_fails_fast_with_the_nearest_name(tmp_path, capsys, monkeypatch):
+    import time
+
+    import training.model
+
+    # offline (as in tests): the hub is not asked, and the nearest known name is suggested
+    assert main(["cache", "--model", "smollm3", "--out", str(tmp_path / "c")]) == 1
+    assert "Did you mean 'smollm2'?" in last_error(capsys)
+    # online but the hub is unreachable: one sentence at once instead of the hub client's ~28 s of retries
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(training.model, "hub_reachable", lambda *a, **k: False)
+    started = time.perf_counter()
+    assert main(["cache", "--model", "tinyy", "--hooks", "blocks.0.hook_resid_post", "--out", str(tmp_path / "c")]) == 1
+    assert time.perf_counter() - started < 5
+    error = last_error(capsys)
+    assert "hub is not reachable" in error and "Did you mean 'tiny'?" in error
+    assert main(["cache", "--model", "./no/such/folder", "--out", str(tmp_path / "c")]) == 1
+    assert "Model folder ./no/such/folder is missing" in last_error(capsys)
+
+
+def test_cache_defaults_to_a_hook_the_model_has(tmp_path):
+    out = tmp_path / "c"
+    assert main(["cache", "--model", "tiny", "--tokens", "1024", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["key_fields"]["hooks"] == ["blocks.1.hook_resid_post"]
+
+
+def test_different_jobs_list_the_fields_that_differ(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["cache", "--model", "tiny", "--tokens", "1024", "--out", str(out)]) == 0
+    assert main(["cache", "--model", "tiny", "--tokens", "2048", "--out", str(out)]) == 1
+    assert "tokens 1024 there, 2048 asked" in last_error(capsys)
+    run = ["train", "--cache.model", "tiny", "--cache.tokens", "4096", "--cache.shard-tokens", "1024",
+           "--batch-size", "256", "--wandb", "off", "--run-dir", str(tmp_path / "r")]
+    assert main(run + ["--cache.out", str(tmp_path / "c2")]) == 0
+    capsys.readouterr()
+    assert main(run + ["--cache.out", str(tmp_path / "c2"), "--k", "16", "--seed", "1"]) == 1
+    error = last_error(capsys)
+    assert "holds a different training job (--k [32] there, [16] asked; --seed 0 there, 1 asked)" in error
+    # resumed: the job says from which step
+    (tmp_path / "r" / "summary.json").unlink()
+    assert main(run + ["--cache.out", str(tmp_path / "c2")]) == 0
+    steps = json.loads((tmp_path / "r" / "summary.json").read_text())["steps"]
+    assert f"saewb: resuming {tmp_path / 'r'} from step {steps} of {steps}" in capsys.readouterr().err
+
+
+def test_cache_flags_are_named_as_train_takes_them(capsys):
+    assert main(["train", "--cache.model", "tiny", "--cache.tokens", "0"]) == 1
+    assert "--cache.tokens must be positive, got 0." in last_error(capsys)
