@@ -4,6 +4,7 @@ Layout of `RUN_DIR/circuits/`: `graph.json` (task report, nodes with labels and 
 faithfulness/completeness, settings), `graph.plotly.json` + `graph.html` (x = hook order, y = rank by |effect|).
 """
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -104,9 +105,11 @@ def logit_lens_labels(model, sae: SAE, latents: list[int], n_tokens: int = 3) ->
 
 
 def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: TaskData | None = None,
-                    eval_task: TaskData | None = None) -> dict:
+                    eval_task: TaskData | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """The circuit graph for `cfg.task` (a dict ready for JSON), found on the discovery prompts and evaluated on
-    held-out ones. `task` alone is split as cfg says (n_eval_prompts 0: kept whole, evaluated in-sample)."""
+    held-out ones. `task` alone is split as cfg says (n_eval_prompts 0: kept whole, evaluated in-sample).
+    `progress(message)` is told each stage as it starts (e.g. to fill a status box)."""
+    say = progress or (lambda message: None)
     cfg.validate()
     hooks = check_hooks(model, saes)
     saes = {h: saes[h].requires_grad_(False) for h in hooks}
@@ -114,11 +117,15 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: Task
         task, eval_task = cfg.tasks(model.tokenizer)
     elif eval_task is None and cfg.n_eval_prompts:
         task, eval_task = split_task(task, cfg.n_eval_prompts / (cfg.n_prompts + cfg.n_eval_prompts), cfg.seed)
+    say(f"Scoring the model on {len(task)} {task.name} prompts")
     report = evaluate_task(model, task)
     device = next(model.parameters()).device
     run = lm_runner(model, task.clean.to(device), task)
     run_patch = lm_runner(model, task.patch.to(device), task)
+    say("Clean and patched activations at " + ", ".join(hooks))
     states = collect_states(run, run_patch, saes)
+    say("Node effects (" + (f"integrated gradients, {cfg.ig_steps} steps" if cfg.method == "ig"
+                            else "attribution patching") + ")")
     effects: dict[str, HookEffects] = (
         integrated_gradients(run, saes, states, cfg.ig_steps, cfg.error_nodes) if cfg.method == "ig"
         else attribution_patching(saes, states, cfg.error_nodes))
@@ -134,6 +141,7 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: Task
     if circuit.size() == 0:
         raise CircuitError(f"node_threshold {cfg.node_threshold} selects no node: the largest |effect| is "
                            f"{largest:.4g}; pass --node-threshold below it.")
+    say(f"Faithfulness and completeness of {circuit.size()} nodes")
     evaluation = evaluate_circuit(run_eval, saes, eval_states, circuit, cfg.ablation, cfg.ablation_source)
     in_sample = (evaluation if eval_task is None else
                  evaluate_circuit(run, saes, states, circuit, cfg.ablation, cfg.ablation_source))
@@ -144,9 +152,12 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: Task
         chosen = [i for i in scores.abs().argsort(descending=True).tolist() if circuit.latents[hook][i]]
         kept[hook] = chosen[:cfg.max_nodes_per_hook]
         labels = logit_lens_labels(model, saes[hook], kept[hook])
+        by_position = effects[hook].latent.mean(0)  # [seq, d_sae]: where each latent's effect sits
         for rank, i in enumerate(kept[hook]):
+            position = int(by_position[:, i].abs().argmax())
             nodes.append({"id": f"{hook}/{i}", "hook": hook, "order": order, "kind": "latent", "latent": i,
-                          "effect": scores[i].item(), "rank": rank, "label": labels[i]})
+                          "effect": scores[i].item(), "rank": rank, "label": labels[i], "position": position,
+                          "token": tokens[position]})
         errors = effects[hook].error_scores()  # [1] per hook or [seq] per position
         per_hook = cfg.error_nodes == "per_hook"
         for rank, p in enumerate(p for p in errors.abs().argsort(descending=True).tolist() if circuit.errors[hook][p]):
@@ -156,6 +167,7 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: Task
                           "label": "error (all positions)" if per_hook else f"error @{p} {tokens[p]!r}"})
     ids = {n["id"] for n in nodes}
     for up, down in zip(hooks, hooks[1:]):
+        say(f"Edges {up} -> {down}")
         found = edge_effects(run, saes, states, effects, up, down, kept[up], kept[down])
         for (kind_u, u), (kind_d, d), weight in found.items():
             source = f"{up}/{u}" if kind_u == "latent" else error_id(up, u, cfg.error_nodes == "per_hook")
@@ -169,10 +181,11 @@ def compute_circuit(model, saes: dict[str, SAE], cfg: CircuitsConfig, task: Task
               if n.get("order") == len(hooks) - 1 and n["kind"] != "metric"]
     n_total = sum(int(e.latent_scores().ne(0).sum()) + len(e.error_scores()) for e in effects.values())
     sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128, circuit.size()) if s <= n_total})
+    say(f"Faithfulness curve over {len(sizes)} circuit sizes")
     curve = faithfulness_curve(run_eval, saes, eval_states, effects, sizes, cfg.ablation, cfg.ablation_source)
     split = {"discovery": len(task), "evaluation": len(eval_task) if eval_task is not None else 0,
              "evaluation_prompts": eval_task.prompts[:5] if eval_task is not None else []}
-    return {"task": report, "prompts": task.prompts[:5], "hooks": hooks, "settings": asdict(cfg) | {"run_dir": str(cfg.run_dir)},
+    return {"task": report, "prompts": task.prompts[:5], "tokens": tokens, "hooks": hooks, "settings": asdict(cfg) | {"run_dir": str(cfg.run_dir)},
             "metric": "logit difference (correct - incorrect) at the last position",
             "conventions": cfg.conventions(), "split": split,
             "clean_metric": states.clean_m.mean().item(), "patch_metric": states.patch_m.mean().item(),
@@ -262,7 +275,8 @@ def run_saes(run_dir: Path, device: str = "cpu") -> dict[str, SAE]:
     return saes
 
 
-def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
+def run_circuits(cfg: CircuitsConfig, model=None, progress: Callable[[str], None] | None = None) -> Path:
+    """Find, save and print the circuit (`saewb circuits`); `progress(message)` hears each stage (compute_circuit)."""
     from training.model import load_model
 
     cfg.validate()
@@ -275,8 +289,10 @@ def run_circuits(cfg: CircuitsConfig, model=None) -> Path:
               f"({', '.join(f'{k}' for k in list(task.skipped)[:8])}{', ...' if len(task.skipped) > 8 else ''}).")
     if task.note:
         print(task.note)
-    graph = compute_circuit(model, saes, cfg, task, eval_task)
+    graph = compute_circuit(model, saes, cfg, task, eval_task, progress)
     print(graph["task"]["message"])
+    if progress is not None:
+        progress(f"Writing {run_dir / 'circuits'}")
     out = save_circuit(graph, run_dir)
     ev, ins, conv = graph["evaluation"], graph["evaluation_in_sample"], graph["conventions"]
     where = (f"on {ev['n_prompts']} held-out prompts (in-sample on {ins['n_prompts']}: faithfulness "

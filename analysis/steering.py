@@ -235,8 +235,9 @@ def prompt_tokens(model, prompt: str) -> Tensor:
 
 @torch.no_grad()
 def generate(model, hook: str, tokens: Tensor, edit: Edit | None, max_new_tokens: int = 20,
-             temperature: float = 0.0, seed: int = 0) -> Tensor:
-    """Continue `tokens` [1, pos] with the edit applied; greedy when temperature is 0. Returns [1, pos + new]."""
+             temperature: float = 0.0, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """Continue `tokens` [1, pos] with the edit applied; greedy when temperature is 0. Returns [1, pos + new].
+    `progress(done, total)` is called after each new token (e.g. to move a progress bar)."""
     n_ctx = model.cfg.n_ctx
     if max_new_tokens < 1 or tokens.shape[1] + max_new_tokens > n_ctx:
         raise SteeringError(f"The prompt ({tokens.shape[1]} tokens) plus {max_new_tokens} new tokens must fit the "
@@ -252,6 +253,8 @@ def generate(model, hook: str, tokens: Tensor, edit: Edit | None, max_new_tokens
         else:
             nxt = logits.argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt[None]], dim=1)
+        if progress is not None:
+            progress(tokens.shape[1] - prompt_len, max_new_tokens)
     return tokens
 
 
