@@ -168,12 +168,21 @@ def feature_store(folder: str, stamp: float) -> FeatureStore:
     return FeatureStore(folder)
 
 
+def store_stamp(run: Run) -> float:
+    """When the run's feature store last changed: its index, labels or explanations (a later
+    `saewb features --labels-only --explainer-url ...` is picked up without restarting the app)."""
+    from analysis.labels import EXPLANATIONS, LABELS
+
+    folder = run.path / "features"
+    return max((folder / name).stat().st_mtime for name in ("index.json", LABELS, EXPLANATIONS)
+               if (folder / name).is_file())
+
+
 def require_features(run: Run) -> FeatureStore:
     if not run.has_features():
         st.warning(f"No feature store for this run yet: run `saewb features {run.path}`.")
         st.stop()
-    index = run.path / "features" / "index.json"
-    return feature_store(str(run.path / "features"), index.stat().st_mtime)
+    return feature_store(str(run.path / "features"), store_stamp(run))
 
 
 @st.cache_resource(show_spinner="Loading model and SAE...")
@@ -272,8 +281,7 @@ def features_or_none(run: Run) -> FeatureStore | None:
     """The run's feature store when it has one (labels, top activations), else None."""
     if not run.has_features():
         return None
-    index = run.path / "features" / "index.json"
-    return feature_store(str(run.path / "features"), index.stat().st_mtime)
+    return feature_store(str(run.path / "features"), store_stamp(run))
 
 
 def flagged(acts, top_max: float | None, ratio: float = FLAG_RATIO) -> set[int]:

@@ -39,9 +39,9 @@ def latent_table(folder: str, stamp: float) -> pd.DataFrame:
 
 def picked_row() -> None:
     rows = st.session_state["latent_table"].selection.rows
-    if rows:
-        order = st.session_state.get("_table_order")
-        common.set_latent(int(order[rows[0]]) if order is not None else rows[0])
+    order = st.session_state.get("_table_order")
+    if rows and order:
+        common.set_latent(order[rows[0]])  # positions in the table as given (a column click sorts the view only)
 
 
 left, mid, right = st.columns([1, 2, 2])
@@ -103,15 +103,15 @@ if text_query.strip():
                               for v, i in zip(values[p], ids[p]) if v > 0) for p in range(len(tokens))]}),
                     hide_index=True, width="stretch")
 
-index_path = run.path / "features" / "index.json"
 with st.expander("All latents (click a column to sort, a row to open it)"):
-    table = latent_table(str(run.path / "features"), index_path.stat().st_mtime)
-    st.session_state["_table_order"] = None
+    table = latent_table(str(run.path / "features"), common.store_stamp(run))
     if "score" in table:
         st.caption(f"Explanations by {store.explainer_model}, scored by detection (balanced accuracy on held-out "
                    "firing and silent excerpts; 0.5 is chance).")
-        table = table.sort_values("score", ascending=False, na_position="last")
-        st.session_state["_table_order"] = table["latent"].tolist()
+        first = [r["latent"] for r in store.explained()]  # best score first, explained but unscored next
+        chosen = set(first)
+        table = table.iloc[first + [i for i in range(d_sae) if i not in chosen]]
+    st.session_state["_table_order"] = [int(i) for i in table["latent"]]
     st.dataframe(table, hide_index=True, width="stretch", height=300, key="latent_table", on_select=picked_row,
                  selection_mode="single-row",
                  column_config={"density": st.column_config.NumberColumn(format="%.4f"),

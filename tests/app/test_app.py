@@ -201,6 +201,28 @@ def test_feature_page(app_test, runs):
     assert at.text_input(key="text_query").value == "Mr. Woodhouse said"
 
 
+def test_feature_page_shows_explanations(app_test, runs):
+    """With explanations.json (an explainer run), the header shows the explanation and its detection score, the
+    search finds explanation text, and the table of all latents is sorted by score."""
+    path = runs / "tiny" / "features" / "explanations.json"
+    path.write_text(json.dumps({"version": 1, "explainer_model": "fake-llm", "latents": {
+        "5": {"explanation": "greetings in letters", "score": 0.75}, "9": {"explanation": "zebra stripes", "score": 0.9},
+        "2": {"explanation": "unscored zebra", "score": None}}, "failed": {}}))
+    try:
+        at = app_test
+        at.query_params["latent"] = "5"
+        at.switch_page("views/feature.py").run()
+        assert not errors(at)
+        assert any(m.value.startswith("**Explanation** (fake\\-llm, detection score 0.75)") for m in at.markdown)
+        at.text_input(key="token_query").input("zebra").run()
+        assert [q for _, q in links(at) if q in ("latent=9&run=tiny", "latent=2&run=tiny")] == [
+            "latent=9&run=tiny", "latent=2&run=tiny"]  # best score first, unscored last
+        table = at.dataframe[0].value
+        assert list(table["latent"][:3]) == [9, 5, 2] and list(table["score"][:2]) == [0.9, 0.75]
+    finally:
+        path.unlink()
+
+
 def inline_link_script():
     import streamlit as st
 
@@ -326,6 +348,11 @@ def server(runs, tmp_path):
         log.close()
 
 
+def address(page) -> str:
+    """The browser's address as the page sees it (Playwright's page.url can miss a history.pushState)."""
+    return page.evaluate("location.href")
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (install the Debian chromium "
                     "package: `make test` does it where apt-get is available)")
 def test_real_browser(server, tmp_path):
@@ -344,7 +371,7 @@ def test_real_browser(server, tmp_path):
             page.goto(f"{server}/runs", timeout=wait)  # a page's own address resolves: no "Page not found"
             expect(page.get_by_role("heading", name="Runs").first).to_be_visible(timeout=wait)
             expect(page.get_by_text("run(s) found")).to_be_visible(timeout=wait)
-            assert page.get_by_text("Page not found").count() == 0 and "run=tiny" in page.url
+            assert page.get_by_text("Page not found").count() == 0 and "run=tiny" in address(page)
             page.goto(f"{server}/feature?latent=3", timeout=wait)
             expect(page.get_by_role("heading", name="#3 ")).to_be_visible(timeout=wait)  # '#3 label'
             expect(page.locator("span.tok-on").first).to_be_visible(timeout=wait)
@@ -365,8 +392,8 @@ def test_real_browser(server, tmp_path):
                 expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
             finally:
                 assert len(page.context.pages) == 1, "the latent link opened another tab"
-            page.wait_for_url(f"**/feature?*latent={target[1:]}*", timeout=wait)
-            assert "run=tiny" in page.url
+            page.wait_for_function(f"location.href.includes('latent={target[1:]}')", timeout=wait)
+            assert "/feature?" in address(page) and "run=tiny" in address(page)
             expect(search).to_have_value("the", timeout=wait)
             # to the Live page by the sidebar: the text is shaded by the current latent or the strongest on it
             page.get_by_test_id("stSidebarNav").get_by_role("link", name="Live").click(timeout=wait)
@@ -376,7 +403,7 @@ def test_real_browser(server, tmp_path):
             expect(page.get_by_text("Latents firing most on this text")).to_be_visible(timeout=wait)
             expect(page.get_by_text("shaded by").first).to_be_visible(timeout=wait)
             assert page.locator("span.tok").count() >= 6
-            assert "run=tiny" in page.url and len(page.context.pages) == 1
+            assert "run=tiny" in address(page) and len(page.context.pages) == 1
             page.screenshot(path=str(tmp_path / "live.png"), full_page=True, timeout=wait)
             # and back: the Feature page still shows the latent and the search
             page.get_by_test_id("stSidebarNav").get_by_role("link", name="Feature").click(timeout=wait)
