@@ -79,7 +79,7 @@ class FeaturesConfig:
     """Requests to the endpoint at once."""
     labels_only: bool = False
     """Keep the existing feature store and only rewrite its labels (and, with --explainer-url, its explanations:
-    latents already explained by the same model are kept); no pass over the cache."""
+    latents already explained by the same model are kept) without rebuilding the store."""
 
 
 def features_dir(run_dir: str | Path) -> Path:
