@@ -57,7 +57,9 @@ class BatchTopKSAE(SAE):
         return pre_acts * (pre_acts > self.threshold)  # per token: never batch-dependent
 
     def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
-        return fast.Selection.batch_topk(pre_acts.relu(), self.cfg.k * pre_acts.shape[0])
+        # Ranking u instead of relu(u) (no [batch, d_sae] copy) keeps the same positive entries; when fewer than
+        # k*batch are positive both fill up with entries whose ReLU'd code is 0, so codes and gradients are equal.
+        return fast.Selection.batch_topk(pre_acts, self.cfg.k * pre_acts.shape[0])
 
     @staticmethod
     def smallest_kept(codes: Tensor) -> Tensor:
