@@ -214,7 +214,14 @@ def replay_value(value, files: Path):
 
 
 def finish_wandb(run, earlier: list[Path]) -> None:
-    """Finish the run, then remove the earlier offline folders of its id (their history is in this one)."""
+    """Finish the run (offline: until its file is complete), then remove the earlier offline folders of its id
+    (their history is in this one)."""
+    folder = Path(run.dir).parent if getattr(run, "dir", None) else None
+    offline = getattr(getattr(run, "settings", None), "mode", None) == "offline"
     run.finish()
+    if offline and folder is not None:
+        from training.wandb_offline import wait_until_written
+
+        wait_until_written(folder)
     for folder in earlier:
         shutil.rmtree(folder, ignore_errors=True)

@@ -66,3 +66,32 @@ def read_history(path: Path) -> tuple[dict, list[dict]]:
             for item in record.run.config.update:
                 config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return config, rows
+
+
+def has_exit_record(path: Path) -> bool:
+    """Whether an offline run file is complete: its last record is wandb's `exit` record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        records = read_records(path)
+    except (OSError, ValueError, struct.error):
+        return False
+    if not records:
+        return False
+    last = pb.Record()
+    last.ParseFromString(records[-1])
+    return last.WhichOneof("record_type") == "exit"
+
+
+def wait_until_written(folder: Path, timeout: float = 120.0) -> bool:
+    """Wait (up to `timeout` s) until the offline run in `folder` has its exit record: wandb's service can still be
+    writing the file after run.finish() returns on a loaded machine. True when complete."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(Path(folder).glob("run-*.wandb"))
+        if files and has_exit_record(files[-1]):
+            return True
+        time.sleep(0.2)
+    return False
