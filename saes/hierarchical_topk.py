@@ -12,6 +12,7 @@ Choices and deviations:
   gradients, O(batch·d_in) memory; the FLEXSAE Triton kernel is not used;
 * AuxK runs on the full-K residual (workbench choice, §5.3; whether the authors used AuxK is unverified).
 """
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ def _prefix_errors_of_indices(e0: Tensor, values: Tensor, indices: Tensor, W_dec
 
 RESIDUAL_CHUNK = 128
 """Tokens per block of the residual recursion (`prefix_errors_recursive`): its [chunk, d_in] residuals stay in cache."""
+SERIAL_RECURSION = True
+"""Run the recursion's ~10^4 small ops on one CPU thread (see saes.sparse_topk.serial)."""
 
 
 class _PrefixErrorsRecursive(torch.autograd.Function):
@@ -109,7 +112,13 @@ class _PrefixErrorsRecursive(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
+    def forward(ctx, e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, serial: bool):
+        with fast.serial(e0.device) if serial else contextlib.nullcontext():
+            return _PrefixErrorsRecursive._forward(ctx, e0, values, indices, W_dec, serial)
+
+    @staticmethod
+    def _forward(ctx, e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, serial: bool):
+        ctx.serial = serial
         batch, k = values.shape
         errors = e0.new_empty(batch, k)
         final = torch.empty_like(e0)
@@ -125,6 +134,11 @@ class _PrefixErrorsRecursive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_errors: Tensor):
+        with fast.serial(grad_errors.device) if ctx.serial else contextlib.nullcontext():
+            return _PrefixErrorsRecursive._backward(ctx, grad_errors)
+
+    @staticmethod
+    def _backward(ctx, grad_errors: Tensor):
         final, values, indices, W_dec = ctx.saved_tensors
         batch, k = values.shape
         grad_e0, grad_values = torch.empty_like(final), torch.empty_like(values)
@@ -141,7 +155,7 @@ class _PrefixErrorsRecursive(torch.autograd.Function):
                 grad_W.index_add_(0, idx[:, j], acc * -v[:, j:j + 1])
                 r.addcmul_(v[:, j:j + 1], rows)
             grad_e0[block] = acc
-        return grad_e0, grad_values, None, grad_W
+        return grad_e0, grad_values, None, grad_W, None
 
 
 def prefix_errors_recursive(e0: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -150,7 +164,7 @@ def prefix_errors_recursive(e0: Tensor, values: Tensor, indices: Tensor, W_dec: 
     with torch.autocast(e0.device.type, enabled=False):
         dtype = torch.promote_types(values.dtype, torch.float32)
         return _PrefixErrorsRecursive.apply(e0.to(dtype).contiguous(), values.to(dtype).contiguous(), indices,
-                                            W_dec.to(dtype))
+                                            W_dec.to(dtype), SERIAL_RECURSION)
 
 
 class HierarchicalTopKSAE(SAE):
