@@ -76,6 +76,9 @@ def sidebar() -> None:
     if wanted in labels and "run_label" not in st.session_state:
         st.session_state["run_label"] = wanted
     elif wanted and wanted not in labels:
+        st.session_state["refused_run"] = True  # shown again on the rerun that switching to the first page makes
+    if (wanted and wanted not in labels) or st.session_state.pop("refused_run", False):
+        st.session_state["refused_run"] = bool(wanted and wanted not in labels)
         st.sidebar.warning("The run asked for in the address (?run=) is not one under the runs folder; showing the "
                            "runs found there.")  # the value itself is not echoed: it is untrusted text
     label = st.sidebar.selectbox("Run", labels, key="run_label")
