@@ -443,8 +443,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
             if main and next_checkpoint is not None and trainer.tokens >= next_checkpoint:
+                logger.flush()  # rows up to the checkpoint are on disk before it is (a resume drops any later ones)
                 save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
-                logger.flush()
                 next_checkpoint += cfg.checkpoint_every
         calibrate(trainer, make_batches(), cfg.loop.calibration_batches, progress and main)
         if main:
