@@ -428,14 +428,14 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
             extra = {"tokens_per_s": (trainer.tokens - start_tokens) / max(elapsed, 1e-9), "data_s": data_seconds,
                      "sae_s": trainer.timings["sae_seconds"]}
             for name, record in records.items():
-                fired[name] += (record["_codes"] != 0).sum(0).cpu()
+                fired[name] += record["_fired"].cpu()  # firings per latent, from the sparse selection
             if main:
                 to_wandb = trainer.step % cfg.log_every == 0 or trainer.step == steps
                 logger.log(records, trainer.step, extra, to_wandb=to_wandb)
                 if to_wandb:
                     for name, record in records.items():
                         alive = fired[name][fired[name] > 0]  # latents silent over the window have no log10
-                        logger.log_histograms(name, (record["_codes"] != 0).sum(-1).cpu(), (alive / window).log10(),
+                        logger.log_histograms(name, record["_l0"].cpu(), (alive / window).log10(),
                                               trainer.step, silent=len(fired[name]) - len(alive))
                         fired[name].zero_()
                     window = 0
