@@ -408,8 +408,8 @@ def test_real_browser(server, tmp_path):
             # and back: the Feature page still shows the latent and the search
             page.get_by_test_id("stSidebarNav").get_by_role("link", name="Feature").click(timeout=wait)
             expect(page.get_by_role("heading", name=f"{target} ")).to_be_visible(timeout=wait)
-            expect(page.get_by_label("Search latents by token, label or explanation")).to_have_value(
-                "the", timeout=wait)
+            search = page.get_by_label("Search latents by token, label or explanation")
+            expect(search).to_have_value("the", timeout=wait)
             assert len(page.context.pages) == 1
         finally:
             browser.close()

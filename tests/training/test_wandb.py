@@ -9,7 +9,8 @@ import types
 import pytest
 
 from training.run import TrainConfig, train
-from training.trainer import LoopConfig, Trainer
+from tests.training.test_trainer import interrupt_at_step_9
+from training.trainer import LoopConfig
 from training.wandb_offline import offline_runs, read_history
 
 HOOK = "blocks.1.hook_resid_post"
@@ -26,17 +27,7 @@ def test_a_resumed_offline_run_is_one_run_and_receives_the_report_card(tiny_mode
     from analysis.eval_compare import EvalConfig, run_eval
 
     cfg = job(tiny_cache_cfg, tmp_path / "run")
-    real_step = Trainer.train_step
-
-    def dies_at_step_9(self, batch):
-        if self.step == 9:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, model=tiny_model, progress=False)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupt_at_step_9(cfg, tiny_model, monkeypatch)
     run_id = (cfg.run_dir / "wandb_id.txt").read_text().strip()
     (first,) = offline_runs(cfg.run_dir)
     clock = itertools.count()  # the resumed run's loop clock: one fake second per reading (3 per step), no wall time
