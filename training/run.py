@@ -448,6 +448,7 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                 next_checkpoint += cfg.checkpoint_every
         calibrate(trainer, make_batches(), cfg.loop.calibration_batches, progress and main)
         if main:
+            logger.flush()  # every row is on disk before the final checkpoint: a resume from it re-logs none
             save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
             for name, state in trainer.states.items():
                 save_final(state.sae, folders[name])
