@@ -5,6 +5,7 @@ Records arrive every step with their losses and metrics still on the device (tra
 buffered and read back in one transfer at each W&B step (`to_wandb`), at `flush` and at `close`, so logging every
 step to metrics.jsonl costs no device sync per step.
 """
+import contextlib
 import glob
 import json
 import os
@@ -12,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from training.activation_store import write_error
 
 WANDB_MODES = ("offline", "online", "off")
 MAX_PENDING = 1000
@@ -75,8 +78,19 @@ class RunLogger:
         lines = list(zip([name for name, _ in pending], to_host([line for _, line in pending])))
         for name, line in lines:
             if name in self.files:
-                self.files[name].write(json.dumps(line) + "\n")
+                with self.writing(name):
+                    self.files[name].write(json.dumps(line) + "\n")
         return lines
+
+    @contextlib.contextmanager
+    def writing(self, name: str):
+        """A failed metrics write (a full disk) as one sentence naming the file, not a bare errno."""
+        try:
+            yield
+        except OSError as error:
+            path = Path(self.files[name].name)
+            raise write_error(error, path, f"the last checkpoint is kept; free space in {path.parent} and run the "
+                                           "same command again to resume from it") from None
 
     def log_histograms(self, name: str, per_token_l0: torch.Tensor, log10_density: torch.Tensor, step: int,
                        silent: int | None = None) -> None:
@@ -106,15 +120,17 @@ class RunLogger:
 
     def flush(self) -> None:
         self._write_pending()
-        for handle in self.files.values():
-            handle.flush()
+        for name, handle in self.files.items():
+            with self.writing(name):
+                handle.flush()
 
     def close(self) -> None:
         try:
             self._write_pending()
         finally:
-            for handle in self.files.values():
-                handle.close()
+            for name, handle in self.files.items():
+                with self.writing(name):
+                    handle.close()
         if self.run is not None:
             finish_wandb(self.run, self.earlier)
             self.run = None

@@ -121,3 +121,35 @@ def test_a_cache_that_fills_a_real_disk_keeps_its_finished_shards(ref, small_tmp
     monkeypatch.undo()
     in_process(cache_argv(folder))
     assert shard_digests(folder) == shard_digests(ref["cache"])
+
+
+def test_a_metrics_write_on_a_full_disk_names_the_file(tmp_path):
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    from training.logger import RunLogger
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").symlink_to("/dev/full")
+    logger = RunLogger({"sae": folder}, {}, wandb_mode="off")
+    logger.log({"sae": {"step": 0, "loss": 1.0}}, 0)  # written to the file handle's buffer
+    with pytest.raises(OSError) as caught:
+        logger.flush()
+    assert str(caught.value) == (
+        f"Could not write metrics.jsonl in {folder} (No space left on device: the disk is full or a file-size limit "
+        f"was hit): the last checkpoint is kept; free space in {folder} and run the same command again to resume "
+        "from it.")
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_training_whose_metrics_file_cannot_be_written_says_so(ref, tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    rc, lines = cli(train_argv(ref["cache"], run), capsys)
+    assert rc == 1 and len(lines) == 1
+    assert lines[0].startswith(f"saewb: error: Could not write metrics.jsonl in {run} (No space left on device: ")
+    assert not (run / "summary.json").exists() and not (run / "sae_weights.safetensors").exists()
