@@ -2,9 +2,10 @@
 on the sparse code toward a class prototype (§10.4 c), a one-offset variant of it, and a difference-in-means baseline.
 
 Every method is an *edit* of the activations h [batch, pos, d] at the SAE's hook, applied inside a context manager
-that always removes its hook (also when an exception is raised). Generation is cache-free (the whole sequence is
-recomputed each step), so an edit restricted to prompt or generated positions is applied exactly where asked,
-never to positions a KV cache has already consumed (§D.12).
+that always removes its hook (also when an exception is raised). Generation runs the prompt once and then
+one token at a time on a KV cache; each step's edit sees only its new positions, with the Span saying where they
+sit (prompt or generated), so an edit restricted to prompt or generated positions is applied exactly where asked
+and the result equals recomputing the whole sequence (§D.12; `generate(kv_cache=False)` does that).
 
 Special positions (BOS, EOS, pad: the tokenizer's special ids, as masked out of SAE training) are never edited
 unless an edit is built with `include_special=True`: the SAE never saw them, and its codes there are off-scale
@@ -28,7 +29,7 @@ Positions = Literal["all", "prompt", "generated"]
 class Span:
     """What an edit knows about the sequence it is applied to."""
 
-    prompt_len: int
+    prompt_len: int  # prompt positions, counted from h's first position (<= 0: h is all generated text)
     special: Tensor  # [batch, pos] bool: special-token positions
 
     @classmethod
@@ -235,24 +236,39 @@ def prompt_tokens(model, prompt: str) -> Tensor:
 
 @torch.no_grad()
 def generate(model, hook: str, tokens: Tensor, edit: Edit | None, max_new_tokens: int = 20,
-             temperature: float = 0.0, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Tensor:
+             temperature: float = 0.0, seed: int = 0, progress: Callable[[int, int], None] | None = None,
+             kv_cache: bool = True) -> Tensor:
     """Continue `tokens` [1, pos] with the edit applied; greedy when temperature is 0. Returns [1, pos + new].
-    `progress(done, total)` is called after each new token (e.g. to move a progress bar)."""
+    `progress(done, total)` is called after each new token (e.g. to move a progress bar).
+
+    With `kv_cache` (the default) the prompt is run once and each new token alone, its keys and values appended
+    to the model's cache; the edit sees only the new positions (a Span whose prompt_len counts from the first of
+    them), so every edit that acts per position (all of ours: additive, clamp, ablation, gradient descent) gives
+    the same continuation as recomputing the whole sequence. `kv_cache=False` recomputes everything each step:
+    for edits that look across positions."""
     n_ctx = model.cfg.n_ctx
     if max_new_tokens < 1 or tokens.shape[1] + max_new_tokens > n_ctx:
         raise SteeringError(f"The prompt ({tokens.shape[1]} tokens) plus {max_new_tokens} new tokens must fit the "
                             f"model's context of {n_ctx} tokens, with at least one new token.")
     generator = torch.Generator().manual_seed(seed)
     prompt_len = tokens.shape[1]
+    past, new = None, tokens  # new: the positions this step runs ([1, pos] first, then [1, 1])
     for _ in range(max_new_tokens):
-        with steering(model, hook, edit, Span.of(model, tokens, prompt_len)):  # the span grows with the text
-            logits = model(tokens)[0, -1].float()
+        start = tokens.shape[1] - new.shape[1]  # absolute position of new's first token
+        with steering(model, hook, edit, Span.of(model, new, prompt_len - start)):
+            if kv_cache:
+                logits, past = model(new, return_type="logits_and_cache", past_key_values=past,
+                                     use_past_kv_cache=True)
+            else:
+                logits = model(tokens)
+        logits = logits[0, -1].float()
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
         else:
             nxt = logits.argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt[None]], dim=1)
+        new = nxt[None] if kv_cache else tokens
         if progress is not None:
             progress(tokens.shape[1] - prompt_len, max_new_tokens)
     return tokens

@@ -2,7 +2,7 @@
 
 The baseline is the plain Hugging Face model truncated to the hooked layer (no TransformerLens, no hooks, no
 disk): the least work that produces these activations. The cached figure is the whole `cache_activations` job
-(hooks, mask, norms, safetensors shards, checksums) on the same contexts. Goal: ratio >= 0.9.
+(hooks, mask, norms, safetensors shards, checksums) on the same contexts. Goal: ratio >= 0.95.
 
     python bench/cache_throughput.py [--model smollm2] [--layer 15] [--tokens 32768] [--dtype bfloat16]
 """
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32_768)
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="the cache's own default; bf16 matmuls are very slow on CPUs without native bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cache_throughput.json"))
     args = parser.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
         "benchmark": "cache_throughput", "model": args.model, "hook": hook, "tokens": args.tokens,
         "context_length": args.context_length, "batch_size": args.batch_size, "dtype": args.dtype,
         "device": args.device, "bare_forward_tokens_per_s": round(bare), "cache_tokens_per_s": round(cached),
-        "ratio_cache_to_bare": round(cached / bare, 3), "goal_ratio": 0.9, "machine": describe_machine(args.device),
+        "ratio_cache_to_bare": round(cached / bare, 3), "goal_ratio": 0.95, "machine": describe_machine(args.device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

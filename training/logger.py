@@ -9,6 +9,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -145,8 +146,15 @@ def read_wandb_id(run_dir: Path) -> str | None:
 
 
 def offline_folders(wandb_dir: Path, run_id: str) -> list[Path]:
-    """The offline folders of run `run_id` under wandb_dir/wandb, oldest first."""
-    return sorted(Path(p) for p in glob.glob(str(Path(wandb_dir) / "wandb" / f"offline-run-*-{glob.escape(run_id)}")))
+    """The offline folders of run `run_id` under wandb_dir/wandb, oldest first. wandb names them
+    offline-run-<YYYYmmdd_HHMMSS>-<id>, and appends -1, -2, ... when a run of that id started in the same second."""
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for path in Path(wandb_dir, "wandb").glob(f"offline-run-*-{glob.escape(run_id)}*"):
+        match = pattern.fullmatch(path.name)
+        if match:
+            found.append(((match.group(1), int(match.group(2) or 0)), path))
+    return [path for _, path in sorted(found)]
 
 
 def wandb_init(mode: str, *, project: str, name: str, config: dict | None, wandb_dir: Path,

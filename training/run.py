@@ -30,7 +30,7 @@ from training.checkpoint import (estimate_bytes, latest_checkpoint, list_checkpo
                                  resume_checkpoint, save_checkpoint)
 from training.loaders import cache_batches, model_batches
 from training.logger import WANDB_MODES, RunLogger, read_wandb_id
-from training.trainer import LoopConfig, NonFiniteLossError, Trainer
+from training.trainer import LoopConfig, NonFiniteLossError, Trainer, to_host
 
 
 @dataclass
@@ -320,7 +320,7 @@ def train_locked(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
     if steps <= 0:
         raise ValueError(f"Not enough tokens for one batch of {cfg.batch_size}: cache more --cache.tokens or lower "
                          "--batch-size.")
-    trainer = Trainer(saes, cfg.loop, steps)
+    trainer = Trainer(saes, cfg.loop, steps, sync_every=cfg.log_every)  # device flags read at log steps only
     resumed_from = None
     if status == "resume":  # the newest checkpoint that reads back intact; damaged ones are reported and skipped
         resumed_from, state = resume_checkpoint(cfg.run_dir)
@@ -411,7 +411,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
     bar = tqdm(total=steps * cfg.batch_size, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train",
                mininterval=0.5, disable=not (progress and main), dynamic_ncols=True)
     next_checkpoint = trainer.tokens + cfg.checkpoint_every if cfg.checkpoint_every else None
-    fired = {name: torch.zeros(s.sae.cfg.d_sae) for name, s in trainer.states.items()}
+    fired = {name: torch.zeros(s.sae.cfg.d_sae, device=s.sae.W_dec.device)  # [d_sae] firings, on the device
+             for name, s in trainer.states.items()}
     window = 0
     data_seconds, started, start_tokens = 0.0, time.perf_counter(), trainer.tokens
     finished = False
@@ -428,20 +429,23 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
             extra = {"tokens_per_s": (trainer.tokens - start_tokens) / max(elapsed, 1e-9), "data_s": data_seconds,
                      "sae_s": trainer.timings["sae_seconds"]}
             for name, record in records.items():
-                fired[name] += record["_fired"].cpu()  # firings per latent, from the sparse selection
+                fired[name] += record["_fired"]  # firings per latent, from the sparse selection
+            log_now = trainer.step % cfg.log_every == 0 or trainer.step == steps  # the only steps that read the device
             if main:
-                to_wandb = trainer.step % cfg.log_every == 0 or trainer.step == steps
-                logger.log(records, trainer.step, extra, to_wandb=to_wandb)
-                if to_wandb:
+                logger.log(records, trainer.step, extra, to_wandb=log_now)
+                if log_now:
                     for name, record in records.items():
-                        alive = fired[name][fired[name] > 0]  # latents silent over the window have no log10
+                        counts = fired[name].cpu()
+                        alive = counts[counts > 0]  # latents silent over the window have no log10
                         logger.log_histograms(name, record["_l0"].cpu(), (alive / window).log10(),
-                                              trainer.step, silent=len(fired[name]) - len(alive))
+                                              trainer.step, silent=len(counts) - len(alive))
                         fired[name].zero_()
                     window = 0
-            first = next(iter(records.values()))
             bar.update(cfg.batch_size)
-            bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}")
+            if log_now and not bar.disable:
+                first = next(iter(records.values()))
+                (shown,) = to_host([{k: dict.__getitem__(first, k) for k in ("loss", "fvu", "l0") if k in first}])
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
             if main and next_checkpoint is not None and trainer.tokens >= next_checkpoint:
                 logger.flush()  # rows up to the checkpoint are on disk before it is (a resume drops any later ones)
                 save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)

@@ -246,3 +246,35 @@ def test_signed_sae_steers_both_ways_and_lens_finds_latents(tiny_model):
     found = logit_lens_latents(tiny_model, signed, " the", n=3)
     scores = [s for _, s in found]
     assert len(found) == 3 and scores == sorted(scores, reverse=True)
+
+
+def test_kv_cache_generation_equals_recomputing_the_sequence(tiny_model, sae):
+    """Each edit kind and position restriction: the default (prompt once, then one token at a time on the KV cache,
+    the edit told where its positions sit) continues exactly as recomputing the whole sequence every step."""
+    tokens = prompt_tokens(tiny_model, PROMPT)
+    prototype = torch.zeros(256)
+    prototype[3] = 4.0
+    edits = [None, additive(decoder_direction(sae, 3), 12.0), additive(decoder_direction(sae, 3), 12.0, "prompt"),
+             additive(decoder_direction(sae, 3), 12.0, "generated"), clamp(sae, 5, 9.0, "generated"), ablate(sae, 3),
+             gradient_descent(sae, prototype, steps=5, lr=0.5)]
+    differs = 0
+    for edit in edits:
+        cached = generate(tiny_model, HOOK, tokens, edit, max_new_tokens=8)
+        assert torch.equal(cached, generate(tiny_model, HOOK, tokens, edit, max_new_tokens=8, kv_cache=False))
+        differs += not torch.equal(cached, generate(tiny_model, HOOK, tokens, None, max_new_tokens=8))
+    assert differs >= 4  # the edits do change the text, so equality above is not two unsteered runs
+
+
+def test_kv_cache_steps_see_only_their_new_positions(tiny_model, sae):
+    """The edit is called once on the prompt, then once per new token with one position outside the prompt."""
+    tokens = prompt_tokens(tiny_model, PROMPT)
+    seen = []
+    inner = additive(decoder_direction(sae, 3), 1.0, "generated")
+
+    def spy(h, span):
+        seen.append((h.shape[1], span.prompt_len))
+        return inner(h, span)
+
+    generate(tiny_model, HOOK, tokens, spy, max_new_tokens=3)
+    n = tokens.shape[1]
+    assert seen == [(n, n), (1, 0), (1, -1)]

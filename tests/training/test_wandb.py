@@ -62,3 +62,17 @@ def test_a_resumed_offline_run_is_one_run_and_receives_the_report_card(tiny_mode
     assert card["card/downstream/ce_loss_recovered"] == pytest.approx(cards[0]["downstream"]["ce_loss_recovered"])
     assert "card/core/fvu_low" in card and "card/saebench/kl_score_high" in card  # intervals too
     assert card["card/density_histogram/_type"] == "plotly-file"  # the card's figures
+
+
+def test_offline_folders_include_those_wandb_suffixed_in_the_same_second(tmp_path):
+    """A resume that starts in the same second as the run before it gets '-1' appended by wandb; it is the newest."""
+    from training.logger import offline_folders
+
+    names = ["offline-run-20261201_173423-abc", "offline-run-20261201_173421-abc-1", "offline-run-20261201_173421-abc",
+             "offline-run-20261201_173421-abc-10", "offline-run-20261201_173421-abc-2", "offline-run-20261201_173421-abcd",
+             "offline-run-20261201_173421-xabc", "run-20261201_173421-abc"]
+    for name in names:
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    assert [p.name for p in offline_folders(tmp_path, "abc")] == [
+        "offline-run-20261201_173421-abc", "offline-run-20261201_173421-abc-1", "offline-run-20261201_173421-abc-2",
+        "offline-run-20261201_173421-abc-10", "offline-run-20261201_173423-abc"]
