@@ -2,10 +2,9 @@
 on the sparse code toward a class prototype (§10.4 c), a one-offset variant of it, and a difference-in-means baseline.
 
 Every method is an *edit* of the activations h [batch, pos, d] at the SAE's hook, applied inside a context manager
-that always removes its hook (also when an exception is raised). Generation runs the prompt once and then
-one token at a time on a KV cache; each step's edit sees only its new positions, with the Span saying where they
-sit (prompt or generated), so an edit restricted to prompt or generated positions is applied exactly where asked
-and the result equals recomputing the whole sequence (§D.12; `generate(kv_cache=False)` does that).
+that always removes its hook (also when an exception is raised). Generation is cache-free (the whole sequence is
+recomputed each step), so an edit restricted to prompt or generated positions is applied exactly where asked,
+never to positions a KV cache has already consumed (§D.12); a sweep over α runs as one batch (`per_row`).
 
 Special positions (BOS, EOS, pad: the tokenizer's special ids, as masked out of SAE training) are never edited
 unless an edit is built with `include_special=True`: the SAE never saw them, and its codes there are off-scale
@@ -29,7 +28,7 @@ Positions = Literal["all", "prompt", "generated"]
 class Span:
     """What an edit knows about the sequence it is applied to."""
 
-    prompt_len: int  # prompt positions, counted from h's first position (<= 0: h is all generated text)
+    prompt_len: int
     special: Tensor  # [batch, pos] bool: special-token positions
 
     @classmethod
@@ -236,42 +235,46 @@ def prompt_tokens(model, prompt: str) -> Tensor:
 
 @torch.no_grad()
 def generate(model, hook: str, tokens: Tensor, edit: Edit | None, max_new_tokens: int = 20,
-             temperature: float = 0.0, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-             kv_cache: bool = True) -> Tensor:
-    """Continue `tokens` [1, pos] with the edit applied; greedy when temperature is 0. Returns [1, pos + new].
-    `progress(done, total)` is called after each new token (e.g. to move a progress bar).
+             temperature: float = 0.0, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """Continue `tokens` [batch, pos] with the edit applied; greedy when temperature is 0. Returns
+    [batch, pos + new]. `progress(done, total)` is called after each new token (e.g. to move a progress bar).
+    A sweep runs as one batch: the prompt repeated once per edit, with `per_row(edits)` as the edit.
 
-    With `kv_cache` (the default) the prompt is run once and each new token alone, its keys and values appended
-    to the model's cache; the edit sees only the new positions (a Span whose prompt_len counts from the first of
-    them), so every edit that acts per position (all of ours: additive, clamp, ablation, gradient descent) gives
-    the same continuation as recomputing the whole sequence. `kv_cache=False` recomputes everything each step:
-    for edits that look across positions."""
+    Cache-free: the whole sequence is recomputed at each step. (TransformerLens 4.3's bridge returns wrong logits
+    from its KV cache on SmolLM2, off by up to 30, so the cache is not used.)"""
     n_ctx = model.cfg.n_ctx
     if max_new_tokens < 1 or tokens.shape[1] + max_new_tokens > n_ctx:
         raise SteeringError(f"The prompt ({tokens.shape[1]} tokens) plus {max_new_tokens} new tokens must fit the "
                             f"model's context of {n_ctx} tokens, with at least one new token.")
     generator = torch.Generator().manual_seed(seed)
     prompt_len = tokens.shape[1]
-    past, new = None, tokens  # new: the positions this step runs ([1, pos] first, then [1, 1])
     for _ in range(max_new_tokens):
-        start = tokens.shape[1] - new.shape[1]  # absolute position of new's first token
-        with steering(model, hook, edit, Span.of(model, new, prompt_len - start)):
-            if kv_cache:
-                logits, past = model(new, return_type="logits_and_cache", past_key_values=past,
-                                     use_past_kv_cache=True)
-            else:
-                logits = model(tokens)
-        logits = logits[0, -1].float()
+        with steering(model, hook, edit, Span.of(model, tokens, prompt_len)):  # the span grows with the text
+            logits = model(tokens)[:, -1].float()  # [batch, vocab]
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
         else:
-            nxt = logits.argmax(-1, keepdim=True)
-        tokens = torch.cat([tokens, nxt[None]], dim=1)
-        new = nxt[None] if kv_cache else tokens
+            nxt = logits.argmax(-1, keepdim=True)  # [batch, 1]
+        tokens = torch.cat([tokens, nxt.to(tokens.device)], dim=1)
         if progress is not None:
             progress(tokens.shape[1] - prompt_len, max_new_tokens)
     return tokens
+
+
+def per_row(edits: list[Edit | None]) -> Edit:
+    """One edit for a batch whose row i is edited by edits[i] (None: left as it is), e.g. a sweep over α run as one
+    batch of generations. Each edit sees its row alone, [1, pos, d], with that row's span."""
+
+    def edit(h: Tensor, span: Span) -> Tensor:
+        if h.shape[0] != len(edits):
+            raise SteeringError(f"per_row has {len(edits)} edits but the batch has {h.shape[0]} rows: repeat the "
+                                f"prompt once per edit.")
+        rows = [h[i:i + 1] if e is None else e(h[i:i + 1], Span(span.prompt_len, span.special[i:i + 1]))
+                for i, e in enumerate(edits)]
+        return torch.cat(rows)
+
+    return edit
 
 
 # ---- baselines and optimised directions ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from analysis.steering import Edit, Span, additive, check_hook, decoder_direction, generate, prompt_tokens
+from analysis.steering import Edit, Span, additive, check_hook, decoder_direction, generate, per_row, prompt_tokens
 from saes.base import SAE
 
 
@@ -74,17 +74,17 @@ def score(model, sae: SAE, hook: str, tokens: Tensor, prompt_len: int, edit: Edi
 def sweep(model, sae: SAE, hook: str, prompt: str, latent: int, alphas: list[float], *,
           make_edit: Callable[[float], Edit | None] | None = None, method: str = "additive",
           target_ids: list[int] | None = None, max_new_tokens: int = 20, positions: str = "all") -> list[dict]:
-    """One row per alpha: the continuation's text and its metrics. `make_edit(alpha)` defaults to adding alpha
+    """One row per alpha: the continuation's text and its metrics (the continuations generated as one batch). `make_edit(alpha)` defaults to adding alpha
     times the latent's decoder row; pass e.g. `lambda a: clamp(sae, latent, a)`, a `gradient_descent` edit, or an
     additive edit along a difference-in-means vector to compare methods on the same footing (None = unsteered)."""
     tokens = prompt_tokens(model, prompt)
     if make_edit is None:
         vector = decoder_direction(sae, latent)
         make_edit = lambda alpha: additive(vector, alpha, positions)  # type: ignore[arg-type]  # noqa: E731
+    edits = [make_edit(alpha) for alpha in alphas]
+    outs = generate(model, hook, tokens.repeat(len(edits), 1), per_row(edits), max_new_tokens)  # one batch
     rows = []
-    for alpha in alphas:
-        edit = make_edit(alpha)
-        out = generate(model, hook, tokens, edit, max_new_tokens)
+    for alpha, edit, out in zip(alphas, edits, outs.split(1)):
         text = model.tokenizer.decode(out[0, tokens.shape[1]:])
         rows.append({"method": method, "alpha": alpha, "text": text,
                      **score(model, sae, hook, out, tokens.shape[1], edit, latent, target_ids)})

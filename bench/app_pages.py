@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -87,7 +88,7 @@ def main() -> None:
 
     args.images.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    proc, url = start_server(args.runs, args.out.with_suffix(".log"))
+    proc, url = start_server(args.runs, Path(tempfile.gettempdir()) / "saewb-app-pages.log")
     timings = {}
     try:
         with sync_playwright() as p:

@@ -1,8 +1,9 @@
 """Steering page: pick a latent (linked from the feature page), a method, a strength or a sweep, and a prompt; see
 the unsteered continuation and every α's continuation side by side, with their metrics (analysis.steering, §10.4).
 
-The default sweep (two values of α, 12 new tokens) answers in seconds on the demo run; each α is one cache-free
-generation (a forward per new token) plus two scoring forwards, and progress is shown per α and token."""
+The default sweep (two values of α, 12 new tokens) answers in seconds on the demo run: the unsteered and every α's
+continuation are generated together as one batch (a cache-free forward per new token), then each α is scored (two
+forwards); progress is shown per token and per α."""
 import html
 import time
 
@@ -10,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.steering import (SteeringError, ablate, additive, check_alpha, clamp, decoder_direction, generate,
-                               prompt_tokens)
+                               per_row, prompt_tokens)
 from analysis.steering_metrics import score, tradeoff_figure
 from app import common
 
@@ -126,7 +127,8 @@ def make_edit(alpha: float):
 
 
 def steer() -> dict:
-    """Every α's continuation and metrics, with progress per α and per token in a status box."""
+    """Every α's continuation and metrics, with progress in a status box: the continuations are generated together
+    as one batch (the prompt repeated, row i edited by α_i: per_row), token by token, then scored α by α."""
     alphas = parse_alphas(alphas_text, method, sae.signed)
     tokens = prompt_tokens(model, prompt)
     targets, note = target_token(model, target_text)
@@ -135,30 +137,32 @@ def steer() -> dict:
         raise SteeringError(f"The prompt ({tokens.shape[1]} tokens) plus {max_new} new tokens must fit the model's "
                             f"context of {n_ctx} tokens: shorten the prompt or ask for fewer tokens.")
     started = time.perf_counter()
-    plen, jobs = tokens.shape[1], len(alphas) + 1
+    plen = tokens.shape[1]
     with st.status(f"Steering with {common.latent_title(store, latent)}: {len(alphas)} value(s) of α, {max_new} new "
                    "tokens each", expanded=True) as status:
-        bar = st.progress(0.0, text="Unsteered continuation")
-
-        def ticker(job: int, label: str):
-            return lambda done, total: bar.progress(min((job + done / total) / jobs, 1.0),
-                                                    text=f"{label}: token {done} of {total}")
-
+        bar = st.progress(0.0, text="Generating")
         plains = st.session_state.setdefault("steer_plain", {})  # the unsteered text does not depend on latent or α
         key = (str(run.path), prompt, max_new)
-        if key not in plains:
-            plains.clear()  # one prompt at a time is enough
-            plains[key] = generate(model, hook, tokens, None, max_new, progress=ticker(0, "Unsteered"))
+        edits = [make_edit(alpha) for alpha in alphas]
+        # adding 0 x d_i changes nothing: that row is the unsteered continuation, not generated again
+        steered = [i for i, alpha in enumerate(alphas) if not (method in ("additive", "signed") and alpha == 0)]
+        batch = ([None] if key not in plains else []) + [edits[i] for i in steered]  # one batch of generations
+        outs = tokens[:0]
+        if batch:
+            def ticker(done: int, total: int):
+                bar.progress(done / total * 0.9, text=f"{len(batch)} continuation(s) together: token {done} of {total}")
+
+            outs = generate(model, hook, tokens.repeat(len(batch), 1), per_row(batch), max_new, progress=ticker)
+            if key not in plains:
+                plains.clear()  # one prompt at a time is enough
+                plains[key], outs = outs[:1], outs[1:]
         plain = plains[key]
+        generated = {i: outs[j:j + 1] for j, i in enumerate(steered)}
         rows = []
-        for i, alpha in enumerate(alphas, start=1):
+        for i, (alpha, edit) in enumerate(zip(alphas, edits)):
             label = "ablated" if method == "ablate" else f"α = {alpha:g}"
-            edit = make_edit(alpha)
-            if method in ("additive", "signed") and alpha == 0:
-                out = plain  # adding 0 x d_i changes nothing: the unsteered continuation
-            else:
-                out = generate(model, hook, tokens, edit, max_new,
-                               progress=ticker(i, f"{label} ({i} of {len(alphas)})"))
+            bar.progress(0.9 + 0.1 * i / len(alphas), text=f"Scoring {label} ({i + 1} of {len(alphas)})")
+            out = generated.get(i, plain)
             text, hidden = decode(model, out[0, plen:])
             rows.append({"alpha": alpha, "method": method, "text": text, "_hidden": hidden,
                          **score(model, sae, hook, out, plen, edit, latent, targets)})

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from analysis.steering import (Span, SteeringError, ablate, additive, clamp, decoder_direction, dense_prototype_offset,
-                               diff_in_means, generate, gradient_descent, prompt_tokens, prototype_code, signed_steer,
-                               steering)
+                               diff_in_means, generate, gradient_descent, per_row, prompt_tokens, prototype_code,
+                               signed_steer, steering)
 from analysis.steering_metrics import score, sweep, tradeoff_figure
 from saes import build_sae
 
@@ -248,33 +248,12 @@ def test_signed_sae_steers_both_ways_and_lens_finds_latents(tiny_model):
     assert len(found) == 3 and scores == sorted(scores, reverse=True)
 
 
-def test_kv_cache_generation_equals_recomputing_the_sequence(tiny_model, sae):
-    """Each edit kind and position restriction: the default (prompt once, then one token at a time on the KV cache,
-    the edit told where its positions sit) continues exactly as recomputing the whole sequence every step."""
+def test_a_sweep_generated_as_one_batch_equals_each_generation_alone(tiny_model, sae):
     tokens = prompt_tokens(tiny_model, PROMPT)
-    prototype = torch.zeros(256)
-    prototype[3] = 4.0
-    edits = [None, additive(decoder_direction(sae, 3), 12.0), additive(decoder_direction(sae, 3), 12.0, "prompt"),
-             additive(decoder_direction(sae, 3), 12.0, "generated"), clamp(sae, 5, 9.0, "generated"), ablate(sae, 3),
-             gradient_descent(sae, prototype, steps=5, lr=0.5)]
-    differs = 0
-    for edit in edits:
-        cached = generate(tiny_model, HOOK, tokens, edit, max_new_tokens=8)
-        assert torch.equal(cached, generate(tiny_model, HOOK, tokens, edit, max_new_tokens=8, kv_cache=False))
-        differs += not torch.equal(cached, generate(tiny_model, HOOK, tokens, None, max_new_tokens=8))
-    assert differs >= 4  # the edits do change the text, so equality above is not two unsteered runs
-
-
-def test_kv_cache_steps_see_only_their_new_positions(tiny_model, sae):
-    """The edit is called once on the prompt, then once per new token with one position outside the prompt."""
-    tokens = prompt_tokens(tiny_model, PROMPT)
-    seen = []
-    inner = additive(decoder_direction(sae, 3), 1.0, "generated")
-
-    def spy(h, span):
-        seen.append((h.shape[1], span.prompt_len))
-        return inner(h, span)
-
-    generate(tiny_model, HOOK, tokens, spy, max_new_tokens=3)
-    n = tokens.shape[1]
-    assert seen == [(n, n), (1, 0), (1, -1)]
+    edits = [None, additive(decoder_direction(sae, 3), 12.0), clamp(sae, 5, 9.0, "generated"), ablate(sae, 3)]
+    together = generate(tiny_model, HOOK, tokens.repeat(len(edits), 1), per_row(edits), max_new_tokens=6)
+    alone = torch.cat([generate(tiny_model, HOOK, tokens, edit, max_new_tokens=6) for edit in edits])
+    assert torch.equal(together, alone)
+    assert len({tuple(row.tolist()) for row in alone}) >= 3  # the rows differ, so the batch kept them apart
+    with pytest.raises(SteeringError, match="repeat the prompt once per edit"):
+        generate(tiny_model, HOOK, tokens, per_row(edits), max_new_tokens=2)
