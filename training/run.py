@@ -443,9 +443,8 @@ def run_loop(cfg: TrainConfig, trainer: Trainer, batches, steps: int, config: di
                     window = 0
             bar.update(cfg.batch_size)
             if log_now and not bar.disable:
-                first = next(iter(records.values()))
-                (shown,) = to_host([{k: dict.__getitem__(first, k) for k in ("loss", "fvu", "l0") if k in first}])
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+                (first,) = to_host([next(iter(records.values()))])  # one read of the first SAE's record
+                bar.set_postfix({k: f"{first[k]:.4g}" for k in ("loss", "fvu", "l0") if k in first})
             if main and next_checkpoint is not None and trainer.tokens >= next_checkpoint:
                 logger.flush()  # rows up to the checkpoint are on disk before it is (a resume drops any later ones)
                 save_checkpoint(run_dir, trainer, cfg.keep_checkpoints)
