@@ -75,8 +75,9 @@ def sweep(model, sae: SAE, hook: str, prompt: str, latent: int, alphas: list[flo
           make_edit: Callable[[float], Edit | None] | None = None, method: str = "additive",
           target_ids: list[int] | None = None, max_new_tokens: int = 20, positions: str = "all") -> list[dict]:
     """One row per alpha: the continuation's text and its metrics (the continuations generated as one batch).
-    `make_edit(alpha)` defaults to adding alpha times the latent's decoder row; pass e.g. `lambda a: clamp(sae, latent, a)`, a `gradient_descent` edit, or an
-    additive edit along a difference-in-means vector to compare methods on the same footing (None = unsteered)."""
+    `make_edit(alpha)` defaults to adding alpha times the latent's decoder row; pass e.g.
+    `lambda a: clamp(sae, latent, a)`, a `gradient_descent` edit, or an additive edit along a difference-in-means
+    vector to compare methods on the same footing (None = unsteered)."""
     tokens = prompt_tokens(model, prompt)
     if make_edit is None:
         vector = decoder_direction(sae, latent)
