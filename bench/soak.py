@@ -1,13 +1,14 @@
-"""Soak test of exact resume: train on the tiny model while a driver SIGKILLs the job at random (seeded) moments and
-starts the same command again, until it finishes; then compare with one uninterrupted run of the same job.
+"""Soak test of exact resume: train on the embedded model's cached activations (SmolLM2 blocks.15, the demo's cache:
+reused when present) while a driver SIGKILLs the job at random (seeded) moments and starts the same command again,
+until it finishes; then compare with one uninterrupted run of the same job.
 
 Every kill waits until the job has written a checkpoint since it started (so each restart makes progress), then a
 seeded random delay. Writes bench/results/soak.json: kills survived, wall time of both runs and the time lost to
 restarts, the largest absolute difference over every final weight tensor (0.0 means bit-identical), and whether the
 metrics rows and the final optimiser state match, with the machine described.
 
-    python -m bench.soak                              # ~5M tokens, a checkpoint every 500k (about 10 min here)
-    python -m bench.soak --tokens 1000000 --checkpoint-every 100000
+    python -m bench.soak                              # 5M tokens on SmolLM2's cache, a checkpoint every 500k
+    python -m bench.soak --model tiny --tokens 1000000 --checkpoint-every 100000
 """
 import argparse
 import json
@@ -27,7 +28,9 @@ from safetensors.torch import load_file
 from bench.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
-HOOK = "blocks.1.hook_resid_post"
+HOOKS = {"smollm2": "blocks.15.hook_resid_post", "tiny": "blocks.1.hook_resid_post"}
+SHARD_TOKENS = {"smollm2": 20_480, "tiny": 65_536}  # smollm2: as `make demo` caches, so its cache is reused
+CACHE_TOKENS = {"smollm2": 204_800, "tiny": 524_288}
 TIMING = ("tokens_per_s", "data_s", "sae_s")
 
 
@@ -40,12 +43,14 @@ def saewb(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "app.cli", *args]
 
 
-def cache_args(args, out: Path) -> list[str]:
-    return ["--model", "tiny", "--hooks", HOOK, "--tokens", str(args.cache_tokens), "--context-length", "128",
-            "--shard-tokens", "65536", "--out", str(out)]
+def cache_args(args, out: Path | None) -> list[str]:
+    """The cache's arguments; `out` None: the content-addressed default folder (shared with `make demo`)."""
+    return ["--model", args.model, "--hooks", HOOKS[args.model], "--tokens", str(args.cache_tokens),
+            "--context-length", "128", "--shard-tokens", str(SHARD_TOKENS[args.model]), "--dtype", "float32",
+            *(["--out", str(out)] if out is not None else [])]
 
 
-def train_args(args, cache: Path, run_dir: Path) -> list[str]:
+def train_args(args, cache: Path | None, run_dir: Path) -> list[str]:
     cache_part = [("--cache." + a[2:]) if a.startswith("--") else a for a in cache_args(args, cache)]
     # enough passes over the training shards (one is held out); --max-steps stops at --tokens
     epochs = -(-args.tokens // int(0.8 * args.cache_tokens)) + 1
@@ -119,7 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=5_000_000, help="tokens to train on")
     parser.add_argument("--checkpoint-every", type=int, default=500_000, help="tokens between checkpoints")
-    parser.add_argument("--cache-tokens", type=int, default=524_288, help="tokens cached (trained over in epochs)")
+    parser.add_argument("--model", default="smollm2", choices=sorted(HOOKS), help="smollm2 (embedded) or tiny")
+    parser.add_argument("--cache-tokens", type=int, help="tokens cached, trained over in epochs (default: 204,800 "
+                                                         "for smollm2, the demo's cache; 524,288 for tiny)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill delays (and the job)")
     parser.add_argument("--kill-after", type=float, nargs=2, default=(4.0, 15.0), metavar=("LOW", "HIGH"),
@@ -128,12 +135,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
+    args.cache_tokens = args.cache_tokens or CACHE_TOKENS[args.model]
 
     work = args.work or Path(tempfile.mkdtemp(prefix="saewb-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     env, log = child_env(args.threads), work / "soak.log"
-    cache = work / "cache"
-    print(f"soak: caching {args.cache_tokens} tokens of the tiny model in {cache}")
+    cache = work / "cache" if args.model == "tiny" else None
+    print(f"soak: caching {args.cache_tokens} tokens of {args.model} (or finding them cached)")
     run_once(saewb(["cache", *cache_args(args, cache)]), env, log)
     reference, soaked = work / "uninterrupted", work / "killed"
     for folder in (reference, soaked):
@@ -144,7 +152,7 @@ def main() -> None:
     killed = run_with_kills(saewb(train_args(args, cache, soaked)), env, soaked, log, random.Random(args.seed),
                             *args.kill_after)
     result = {
-        "benchmark": "soak", "model": "tiny", "hook": HOOK, "architecture": "topk", "k": 16, "expansion": 8,
+        "benchmark": "soak", "model": args.model, "hook": HOOKS[args.model], "architecture": "topk", "k": 16, "expansion": 8,
         "tokens": args.tokens, "batch_size": args.batch_size, "checkpoint_every_tokens": args.checkpoint_every,
         "cache_tokens": args.cache_tokens, "seed": args.seed, "kill_after_s": list(args.kill_after),
         "kills_survived": len(killed["kills"]), "restarts": len(killed["kills"]), "kills": killed["kills"],
