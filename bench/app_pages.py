@@ -80,9 +80,11 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="the folder `saewb app` serves")
     parser.add_argument("--run", default="demo", help="the run shown (its folder name under --runs)")
     parser.add_argument("--latent", type=int, default=657, help="the latent the Feature and Steering pages show")
-    parser.add_argument("--pages", default="runs,feature,live,steering,circuits")
+    parser.add_argument("--pages", default="runs,feature,live,steering,circuits",
+                        help="comma-separated; PAGE:TAB also opens a tab of the page (e.g. feature:Heads)")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "img", help="where the screenshots go")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "app_pages.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "app_pages.json",
+                        help="the timings (pass another file for runs other than the demo)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -96,12 +98,18 @@ def main() -> None:
                 "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(WAIT_MS)
-            for name in args.pages.split(","):
+            for spec in args.pages.split(","):
+                name, _, tab = spec.partition(":")  # "feature:Heads": the Feature page's Heads tab
                 cold = visit(page, url, name, args.latent, args.run)
                 warm = visit(page, url, name, args.latent, args.run)
-                page.screenshot(path=str(args.images / f"{name}.png"), full_page=True, timeout=WAIT_MS)
-                timings[name] = {"cold_s": round(cold, 1), "warm_s": round(warm, 1)}
-                print(f"{name}: usable after {cold:.1f} s cold, {warm:.1f} s warm", flush=True)
+                if tab:
+                    page.get_by_role("tab", name=tab).click(timeout=WAIT_MS)
+                    page.get_by_role("tabpanel", name=tab).locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+                    page.wait_for_timeout(1500)
+                image = f"{name}-{tab.lower()}.png" if tab else f"{name}.png"
+                page.screenshot(path=str(args.images / image), full_page=True, timeout=WAIT_MS)
+                timings[spec] = {"cold_s": round(cold, 1), "warm_s": round(warm, 1)}
+                print(f"{spec}: usable after {cold:.1f} s cold, {warm:.1f} s warm", flush=True)
             browser.close()
     finally:
         proc.terminate()
