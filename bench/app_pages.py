@@ -104,7 +104,7 @@ def main() -> None:
                 warm = visit(page, url, name, args.latent, args.run)
                 if tab:
                     page.get_by_role("tab", name=tab).click(timeout=WAIT_MS)
-                    page.get_by_role("tabpanel", name=tab).locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)
+                    page.locator(".js-plotly-plot:visible").first.wait_for(timeout=WAIT_MS)
                     page.wait_for_timeout(1500)
                 image = f"{name}-{tab.lower()}.png" if tab else f"{name}.png"
                 page.screenshot(path=str(args.images / image), full_page=True, timeout=WAIT_MS)
