@@ -105,7 +105,7 @@ class RunningTopK:
     def chunk_candidates(self, scores: Tensor, values: Tensor, row0: int):
         """Top-N of a [B, d_sae] chunk per latent: (scores, values, global rows), each [d_sae, n']."""
         n = min(self.n, scores.shape[0])
-        s, idx = scores.T.topk(n, dim=1)
+        s, idx = scores.T.contiguous().topk(n, dim=1)  # topk along a strided dim is 4x slower than the copy
         return s, values.T.gather(1, idx), idx + row0
 
     def merge(self, scores: Tensor, values: Tensor, rows: Tensor, win_tokens: Tensor, win_acts: Tensor) -> None:
@@ -121,6 +121,13 @@ class RunningTopK:
 
     def valid(self) -> Tensor:
         return torch.isfinite(self.scores)
+
+
+def scores_at(codes: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
+    """A [B, d_sae] score matrix: `values` at (rows, cols), -inf elsewhere."""
+    scores = torch.full_like(codes, -math.inf)
+    scores[rows, cols] = values
+    return scores
 
 
 def merge_candidates(parts: list[tuple[Tensor, Tensor, Tensor]], n: int):
@@ -198,11 +205,14 @@ def collect(sae, cache, hook: str, cfg: FeaturesConfig) -> dict[str, Tensor]:
             hist_pos += torch.bincount(nz_c[pos] * cfg.bins + b[pos], minlength=d_sae * cfg.bins)
             hist_neg += torch.bincount(nz_c[~pos] * cfg.bins + b[~pos], minlength=d_sae * cfg.bins)
             n_tokens += int(k.sum())
-            cand_top.append(top.chunk_candidates(codes.masked_fill(codes <= 0, -math.inf), codes, g0))
+            # scores for the running top-N: -inf except at the firings (written from the sparse entries, not by
+            # masking every one of the B x d_sae codes)
+            cand_top.append(top.chunk_candidates(scores_at(codes, nz_r[pos], nz_c[pos], nz_v[pos]), codes, g0))
             if bottom is not None:
-                cand_bot.append(bottom.chunk_candidates((-codes).masked_fill(codes >= 0, -math.inf), codes, g0))
-            key = torch.rand(codes.shape, generator=generator).masked_fill(codes == 0, -math.inf)
-            cand_smp.append(sample.chunk_candidates(key, codes, g0))
+                cand_bot.append(bottom.chunk_candidates(scores_at(codes, nz_r[~pos], nz_c[~pos], -nz_v[~pos]), codes,
+                                                        g0))
+            key = torch.rand(len(nz_v), generator=generator)  # a uniform random key per firing: a uniform sample
+            cand_smp.append(sample.chunk_candidates(scores_at(codes, nz_r, nz_c, key), codes, g0))
             bar.update(len(x))
         keys_t, vals_t = torch.cat(keys), torch.cat(vals)
         for keeper, cands in ((top, cand_top), (bottom, cand_bot), (sample, cand_smp)):
