@@ -129,18 +129,27 @@ def summarise(values: Tensor) -> dict:
 
 @torch.no_grad()
 def afa_metrics(sae: SAE, chunks: Iterable[Tensor], max_tokens: int | None = None, *, coherence: bool = True,
-                max_points: int = 5000) -> dict:
-    """The diagnostics of the SAE on activation chunks ([n, d_in] tensors, or (x, ...) tuples as
+                max_points: int = 5000, include_outliers: bool = False) -> dict:
+    """The diagnostics of the SAE on activation chunks ([n, d_in] tensors, or (x, contexts, outlier) tuples as
     analysis.eval_core.eval_tokens yields): ZF fit with and without the bias atom, ε_LBO summaries, the decoder's
-    coherence, and up to `max_points` (‖z‖, ‖f̃‖) pairs (evenly spaced over the tokens) for `zf_figure`."""
+    coherence, and up to `max_points` (‖z‖, ‖f̃‖) pairs (evenly spaced over the tokens) for `zf_figure`.
+
+    Outlier-norm tokens (flagged in the tuples; left out of training) are left out unless `include_outliers`: on
+    SmolLM2 two of them, at 50x the median norm, would set the least-squares ZF slope alone."""
     parts: dict[str, list[Tensor]] = {}
-    seen = 0
+    seen = left_out = 0
     for chunk in chunks:
         x = chunk[0] if isinstance(chunk, (tuple, list)) else chunk
+        outlier = chunk[2] if isinstance(chunk, (tuple, list)) and len(chunk) > 2 else None
+        if outlier is not None and not include_outliers:
+            left_out += int(outlier.sum())
+            x = x[~outlier.to(x.device)]
         if max_tokens is not None:
             x = x[: max(max_tokens - seen, 0)]
         if len(x) == 0:
-            break
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            continue  # a chunk of outliers only
         for name, value in zf_norms(sae, x.to(sae.W_dec.device)).items():
             parts.setdefault(name, []).append(value.cpu())
         seen += len(x)
@@ -154,6 +163,7 @@ def afa_metrics(sae: SAE, chunks: Iterable[Tensor], max_tokens: int | None = Non
     pick = torch.linspace(0, seen - 1, min(max_points, seen)).round().long().unique()
     report = {
         "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, "tokens": seen,
+        "outlier_tokens_left_out": left_out, "include_outliers": include_outliers,
         "zf": fit_zf(norms["norm_z"], norms["norm_f"]),
         "zf_centered": fit_zf(norms["norm_z_centered"], norms["norm_code"]),
         "epsilon_lbo": summarise(eps),

@@ -152,3 +152,22 @@ def test_afa_card_on_a_run_folder(tiny_model, tiny_cache, tiny_cache_cfg, tmp_pa
     assert 0.5 < card["zf_centered"]["slope"] < 1.1 and card["epsilon_lbo"]["median"] > 0
     assert (tmp_path / "run" / "eval" / "afa" / "metrics.json").is_file()
     assert (tmp_path / "run" / "eval" / "afa" / "zf.json").is_file()
+
+
+def test_outlier_tokens_are_left_out_unless_asked():
+    """Flagged outlier-norm tokens (as eval_tokens yields them) do not enter the ZF fit; include_outliers keeps them."""
+    torch.manual_seed(0)
+    sae = build_sae("topk", d_in=16, d_sae=64, k=4)
+    x = torch.randn(200, 16)
+    x[7] *= 50  # one token far out, as BOS-like outliers are on SmolLM2
+    flags = torch.zeros(200, dtype=torch.bool)
+    flags[7] = True
+    contexts = torch.zeros(200, dtype=torch.long)
+    chunks = [(x[:100], contexts[:100], flags[:100]), (x[100:], contexts[100:], flags[100:])]
+    kept = afa_metrics(sae, chunks, coherence=False)
+    assert kept["tokens"] == 199 and kept["outlier_tokens_left_out"] == 1
+    assert kept["zf"] == afa_metrics(sae, [torch.cat([x[:7], x[8:]])], coherence=False)["zf"]
+    everything = afa_metrics(sae, chunks, coherence=False, include_outliers=True)
+    assert everything["tokens"] == 200 and everything["zf"] == afa_metrics(sae, [x], coherence=False)["zf"]
+    only_outliers = [(x[7:8], contexts[7:8], flags[7:8]), (x[:50], contexts[:50], torch.zeros(50, dtype=torch.bool))]
+    assert afa_metrics(sae, only_outliers, coherence=False)["tokens"] == 50  # a chunk of outliers only is skipped
