@@ -135,7 +135,7 @@ def afa_metrics(sae: SAE, chunks: Iterable[Tensor], max_tokens: int | None = Non
     coherence, and up to `max_points` (‖z‖, ‖f̃‖) pairs (evenly spaced over the tokens) for `zf_figure`.
 
     Outlier-norm tokens (flagged in the tuples; left out of training) are left out unless `include_outliers`: on
-    SmolLM2 two of them, at 50x the median norm, would set the least-squares ZF slope alone."""
+    SmolLM2 six of them in 20k tokens, at up to 50x the median norm, set the least-squares ZF slope alone."""
     parts: dict[str, list[Tensor]] = {}
     seen = left_out = 0
     for chunk in chunks:
