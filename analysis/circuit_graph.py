@@ -198,8 +198,9 @@ def error_id(hook: str, index: int, per_hook: bool) -> str:
     return f"{hook}/err" if per_hook else f"{hook}/err{index}"
 
 
-def graph_figure(graph: dict):
-    """Layered plotly graph: x = hook order, y = rank by |effect|; edge colour = sign, width = |weight|."""
+def layered_edges(graph: dict, opacity: float = 1.0):
+    """A figure holding a layered graph's edges (x = node order, y = -rank; colour = sign, width = |weight|) and
+    each node's position: shared by the circuit figures here, in analysis.patch_free and in the app."""
     import plotly.graph_objects as go
 
     position = {n["id"]: (n["order"], -n["rank"]) for n in graph["nodes"]}
@@ -208,8 +209,16 @@ def graph_figure(graph: dict):
     for e in graph["edges"]:
         (x0, y0), (x1, y1) = position[e["source"]], position[e["target"]]
         fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                                 line=dict(width=0.5 + 4 * abs(e["weight"]) / biggest,
-                                           color="royalblue" if e["weight"] > 0 else "crimson")))
+                                 opacity=opacity, line=dict(width=0.5 + 4 * abs(e["weight"]) / biggest,
+                                                            color="royalblue" if e["weight"] > 0 else "crimson")))
+    return fig, position
+
+
+def graph_figure(graph: dict):
+    """Layered plotly graph: x = hook order, y = rank by |effect|; edge colour = sign, width = |weight|."""
+    import plotly.graph_objects as go
+
+    fig, position = layered_edges(graph)
     nodes = graph["nodes"]
     fig.add_trace(go.Scatter(
         x=[position[n["id"]][0] for n in nodes], y=[position[n["id"]][1] for n in nodes], mode="markers+text",

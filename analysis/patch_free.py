@@ -557,14 +557,9 @@ def graph_figure(graph: dict):
     edge colour = sign, width = |weight|; biases/approximations sit half a column left of the node they feed."""
     import plotly.graph_objects as go
 
-    position = {n["id"]: (n["order"], -n["rank"]) for n in graph["nodes"]}
-    fig = go.Figure()
-    biggest = max([abs(e["weight"]) for e in graph["edges"]] or [1.0]) or 1.0
-    for e in graph["edges"]:
-        (x0, y0), (x1, y1) = position[e["source"]], position[e["target"]]
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                                 line=dict(width=0.5 + 4 * abs(e["weight"]) / biggest,
-                                           color="royalblue" if e["weight"] > 0 else "crimson")))
+    from analysis.circuit_graph import layered_edges
+
+    fig, position = layered_edges(graph)
     nodes = graph["nodes"]
     symbols = {"latent": "circle", "error": "square", "bias": "diamond", "approx": "x", "target": "star"}
     fig.add_trace(go.Scatter(

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.circuit_graph import CircuitsConfig, curve_figure, run_circuits
+from analysis.circuit_graph import CircuitsConfig, curve_figure, layered_edges, run_circuits
 from analysis.tasks import TASKS
 from app import common
 
@@ -38,14 +38,7 @@ def node_text(node: dict, store, own_hook: str | None) -> str:
 def layered_figure(graph: dict, texts: dict[str, str]) -> go.Figure:
     """x = hook order, y = rank by |effect|; edges under the nodes, node labels as boxed annotations on top of
     everything (so no edge covers them); colour = sign of the effect."""
-    position = {n["id"]: (n["order"], -n["rank"]) for n in graph["nodes"]}
-    fig = go.Figure()
-    biggest = max([abs(e["weight"]) for e in graph["edges"]] or [1.0]) or 1.0
-    for e in graph["edges"]:
-        (x0, y0), (x1, y1) = position[e["source"]], position[e["target"]]
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                                 opacity=0.55, line=dict(width=0.5 + 4 * abs(e["weight"]) / biggest,
-                                                         color="royalblue" if e["weight"] > 0 else "crimson")))
+    fig, position = layered_edges(graph, opacity=0.55)
     for name, colour in (("edge weight > 0", "royalblue"), ("edge weight < 0", "crimson")):  # legend entries
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=colour, width=3), name=name))
     nodes = [n for n in graph["nodes"] if n["kind"] != "metric"]

@@ -55,31 +55,23 @@ text_query = right.text_input("Find the latents of a text", key="text_query", pl
 if token_query.strip():
     query = token_query.strip()
     with mid:
+        def text_caption(h: dict) -> str:
+            score = f"score {h['score']:.2f}" if h["score"] is not None else ""
+            return " ".join(x for x in (score, (h["explanation"] or "")[:60]) if x)
+
         found = False
-        hits = store.search_token(query)
-        if hits:
-            found = True
-            st.markdown(f"Latents whose top examples centre on **{common.md(query)}**:")
-            with st.container(height=min(40 + 38 * len(hits[:10]), 300), border=False):
-                for h in hits[:10]:
-                    common.latent_link(h["latent"], store, f"{h['matches']}/{h['of']} top examples, "
-                                                           f"max {h['top_value']:.3g}")
-        lens_hits = store.search_lens(query)
-        if lens_hits:
-            found = True
-            st.markdown(f"Latents whose logit lens promotes **{common.md(query)}**:")
-            with st.container(height=min(40 + 38 * len(lens_hits[:10]), 300), border=False):
-                for h in lens_hits[:10]:
-                    common.latent_link(h["latent"], store, f"rank {h['rank']}, logit {h['logit']:.3g}")
-        text_hits = store.search_text(query)
-        if text_hits:
-            found = True
-            st.markdown(f"Latents whose label or explanation contains **{common.md(query)}**:")
-            with st.container(height=min(40 + 38 * len(text_hits[:10]), 300), border=False):
-                for h in text_hits[:10]:
-                    score = f"score {h['score']:.2f}" if h["score"] is not None else ""
-                    common.latent_link(h["latent"], store, " ".join(
-                        x for x in (score, (h["explanation"] or "")[:60]) if x))
+        for what, hits, caption in (
+                ("top examples centre on", store.search_token(query),
+                 lambda h: f"{h['matches']}/{h['of']} top examples, max {h['top_value']:.3g}"),
+                ("logit lens promotes", store.search_lens(query),
+                 lambda h: f"rank {h['rank']}, logit {h['logit']:.3g}"),
+                ("label or explanation contains", store.search_text(query), text_caption)):
+            if hits:
+                found = True
+                st.markdown(f"Latents whose {what} **{common.md(query)}**:")
+                with st.container(height=min(40 + 38 * len(hits[:10]), 300), border=False):
+                    for h in hits[:10]:
+                        common.latent_link(h["latent"], store, caption(h))
         if not found:
             st.caption(f"No latent has {query!r} as its top examples' token, in its logit lens, label or "
                        "explanation.")
