@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_cache() -> Path:
-    summary = json.loads((ROOT / "runs" / "demo" / "summary.json").read_text())
-    return Path(summary["cache"])
+    path = ROOT / "runs" / "demo" / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `make demo` first, or pass --cache FOLDER.")
+    return Path(json.loads(path.read_text())["cache"])
 
 
 def main() -> None:

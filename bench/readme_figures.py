@@ -41,6 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.pairs) % 2:
         parser.error("give the figures as pairs: FIGURE.json OUT.png")
+    missing = [str(p) for p in args.pairs[::2] if not p.is_file()]
+    if missing:
+        parser.error(f"no figure file {', '.join(missing)}: pass the plotly JSON that `saewb eval` writes "
+                     "(e.g. runs/<run>/eval/figures/zf.json)")
     render(list(zip(args.pairs[::2], args.pairs[1::2])), args.width, args.height)
 
 
