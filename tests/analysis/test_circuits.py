@@ -408,3 +408,17 @@ def test_cli_spans_the_hooks_of_saes_trained_together(tmp_path, tiny_model, tiny
     hooks_of = {n["id"]: n["hook"] for n in graph["nodes"]}
     assert any(hooks_of[e["source"]] == tiny_cache_cfg.hooks[0] and hooks_of[e["target"]] == tiny_cache_cfg.hooks[1]
                for e in graph["edges"])  # edges between SAE nodes at consecutive hook points
+
+
+def test_layered_edges_draw_sign_as_colour_and_weight_as_width():
+    from analysis.circuit_graph import layered_edges
+
+    graph = {"nodes": [{"id": "a", "order": 0, "rank": 0}, {"id": "b", "order": 0, "rank": 1},
+                       {"id": "m", "order": 1, "rank": 0}],
+             "edges": [{"source": "a", "target": "m", "weight": 2.0}, {"source": "b", "target": "m", "weight": -1.0}]}
+    fig, position = layered_edges(graph, opacity=0.5)
+    assert position == {"a": (0, 0), "b": (0, -1), "m": (1, 0)}
+    first, second = fig.data
+    assert (list(first.x), list(first.y), first.line.color, first.line.width) == ([0, 1], [0, 0], "royalblue", 4.5)
+    assert (list(second.x), list(second.y), second.line.color, second.line.width) == ([0, 1], [-1, 0], "crimson", 2.5)
+    assert first.opacity == 0.5
