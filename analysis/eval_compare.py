@@ -42,8 +42,8 @@ def down_ci(card: dict, key: str):
 
 
 def card_figures(card: dict) -> dict:
-    """Plotly figures of one card: latent density histogram, per-token L0 histogram, budget curve (if any) with
-    95% bootstrap error bars."""
+    """Plotly figures of one card: latent density histogram, per-token L0 histogram, the ZF plot, the supervised-
+    dictionary scores (if any), budget curve (if any) with 95% bootstrap error bars."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -63,6 +63,10 @@ def card_figures(card: dict) -> dict:
         from analysis.afa import zf_figure
 
         figures["zf"] = zf_figure(card["afa"])
+    if card.get("supervised_dictionary"):
+        from analysis.supervised_dict import supervised_figure
+
+        figures["supervised_dictionary"] = supervised_figure(card["supervised_dictionary"])
     if card.get("budget"):
         rows = card["budget"]
         fig = make_subplots(rows=1, cols=2, subplot_titles=("FVU vs measured L0", "delta LM loss vs measured L0"))

@@ -220,6 +220,36 @@ def score_dictionaries(acts: Tensor, attributes: dict[str, Sequence], readout: R
     return out
 
 
+def supervised_figure(scores: dict):
+    """The report card's picture of `score_dictionaries` output: sufficiency and necessity of the supervised
+    dictionary beside the SAE's, and IO-edit control against the SAE's feature budget k, with the supervised edit
+    and the counterfactual-patch ceiling as reference lines."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("sufficiency and necessity (1 = all the task reads)",
+                                                        "control: IO edit success vs SAE features edited"))
+    sup, sae = scores["supervised"], scores.get("sae") or {}
+    for name, part in (("supervised dictionary", sup), ("SAE", sae)):
+        if part:
+            fig.add_trace(go.Bar(x=["sufficiency", "necessity"], y=[part["sufficiency"], part["necessity"]],
+                                 name=name, legendgroup=name), row=1, col=1)
+    if sae.get("control"):
+        ks = sorted(sae["control"], key=int)
+        fig.add_trace(go.Scatter(x=[int(k) for k in ks], y=[sae["control"][k] for k in ks], mode="lines+markers",
+                                 name="SAE greedy edit", legendgroup="SAE"), row=1, col=2)
+    for key, value, dash in (("supervised edit", sup.get("control"), "dash"),
+                             ("counterfactual patch (ceiling)", scores.get("counterfactual_patch_control"), "dot")):
+        if value is not None:
+            fig.add_hline(y=value, line_dash=dash, annotation_text=f"{key} {value:.2f}", row=1, col=2)
+    fig.update_xaxes(title_text="k (features edited)", type="log", row=1, col=2)
+    fig.update_yaxes(title_text="fraction of prompts", range=[0, 1.05], row=1, col=2)
+    where = f"{scores.get('hook', '')} @ {scores.get('position_name', '')}"
+    note = "" if scores.get("reliable", True) else " (unreliable: the task barely reads this activation)"
+    fig.update_layout(title=f"Supervised IOI dictionary vs the SAE at {where}, {scores['n_prompts']} prompts{note}")
+    return fig
+
+
 # ---- IOI on a model ---------------------------------------------------------------------------------------------
 @dataclass
 class IOISetup:

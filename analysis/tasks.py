@@ -22,8 +22,10 @@ length other than the most common one are dropped (all prompts of a batch must a
 measure it), as SFC finds circuits on `*_train.json` and scores them on `*_test.json`: identical prompts stay on one
 side, and the answers are spread evenly over both.
 """
+import itertools
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -210,6 +212,30 @@ def build_sva(tokenizer, n: int, rng: random.Random) -> TaskData:
         patch = SVA_TEMPLATE.format(subject=other, attractor=attractor)
         rows.append((clean, encode(tokenizer, clean), encode(tokenizer, patch), *answer_rows([verb], [wrong])))
     return assemble("sva", rows, skipped)
+
+
+def task_texts(name: str, seed: int = 1) -> Iterator[str]:
+    """An endless stream of the task's prompts with their correct answer, as training text ("task data", e.g.
+    "When Mary and John went to the store, John gave a drink to Mary."): the corpus `task:NAME` caches these, so an
+    SAE can be trained on the distribution the task's evaluations use. No tokenizer filter: every word list entry
+    is used. `seed` 1 by default, so the stream does not begin with the evaluation batches (seed 0)."""
+    if name not in TASKS:
+        raise TaskError(f"Unknown task {name!r}: choose one of {', '.join(TASKS)}.")
+    rng = random.Random(seed)
+    for i in itertools.count():
+        if name == "ioi":
+            a, b = rng.sample(NAMES, 2)  # a = indirect object, b = subject
+            first = (a, b) if i % 2 == 0 else (b, a)
+            yield IOI_TEMPLATE.format(A=first[0], B=first[1], S=b, place=rng.choice(PLACES),
+                                      obj=rng.choice(OBJECTS)) + a + "."
+        elif name == "greater_than":
+            century, yy = rng.choice(range(11, 19)), rng.randint(1, 97)
+            end = rng.randint(yy + 1, 99)
+            yield GT_TEMPLATE.format(noun=rng.choice(GT_NOUNS), century=century, yy=yy) + f"{end:02d}."
+        else:
+            singular, plural = rng.choice(SVA_NOUNS)
+            subject, verb = (singular, SVA_VERBS[0]) if i % 2 == 0 else (plural, SVA_VERBS[1])
+            yield SVA_TEMPLATE.format(subject=subject, attractor=rng.choice(SVA_ATTRACTORS)) + verb + " here."
 
 
 def build_task(name: str, tokenizer, n: int = 32, seed: int = 0) -> TaskData:

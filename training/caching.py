@@ -35,7 +35,8 @@ class CacheConfig:
     """Hook points to cache, all in one model pass (e.g. blocks.6.hook_resid_post blocks.6.attn.hook_z); default the
     residual stream after the model's middle block (blocks.15.hook_resid_post for smollm2, blocks.1 for tiny)."""
     corpus: str = "austen"
-    """Text: 'austen' (embedded), a .txt/.parquet/.jsonl path or folder, or hf:DATASET[:CONFIG][:SPLIT]."""
+    """Text: 'austen' (embedded), a .txt/.parquet/.jsonl path or folder, hf:DATASET[:CONFIG][:SPLIT], or a circuit
+    task's prompts with answers as task data: task:ioi, task:greater_than, task:sva."""
     text_column: str = "text"
     """Column holding the text in parquet/jsonl/HF datasets."""
     tokens: int = 200_000

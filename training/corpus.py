@@ -6,6 +6,8 @@ Sources, by name:
 - a local path: a `.txt` file (one document), a folder of `.txt` files, or a `.parquet`/`.jsonl` file read
   through `datasets` with a `text` column.
 - `hf:NAME[:CONFIG][:SPLIT]`: any Hugging Face dataset, streamed through `datasets` (needs the hub).
+- `task:ioi`, `task:greater_than`, `task:sva`: the circuit tasks' prompts with their answers, generated without end
+  (analysis/tasks.py `task_texts`): "task data" for SAEs scored on a task (e.g. `saewb eval --supervised ioi`).
 
 BOS convention: documents are tokenised without special tokens (long ones in paragraph-aligned pieces) and joined into one stream with the EOS token
 after each document; the stream is cut into contexts of `context_length - 1` tokens and every context starts with
@@ -122,6 +124,11 @@ def iter_texts(corpus: str, text_column: str = "text") -> Iterator[str]:
     if corpus.startswith("hf:"):
         yield from iter_hf(corpus[3:], text_column)
         return
+    if corpus.startswith("task:"):
+        from analysis.tasks import task_texts
+
+        yield from task_texts(corpus[5:])
+        return
     path = Path(corpus).expanduser()
     if path.is_dir():
         files = sorted(glob.glob(str(path / "**" / "*.txt"), recursive=True))
@@ -136,7 +143,8 @@ def iter_texts(corpus: str, text_column: str = "text") -> Iterator[str]:
     else:
         raise ValueError(
             f"Unknown corpus {corpus!r}: use 'austen' (the embedded default), a path to a .txt/.parquet/.jsonl "
-            "file or a folder of .txt files, or 'hf:DATASET[:CONFIG][:SPLIT]'."
+            "file or a folder of .txt files, 'hf:DATASET[:CONFIG][:SPLIT]', or 'task:ioi' / 'task:greater_than' / "
+            "'task:sva' (a circuit task's prompts)."
         )
 
 

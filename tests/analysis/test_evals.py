@@ -602,6 +602,16 @@ def test_report_card_adds_the_supervised_dictionary_scores_on_request(runs, tiny
     assert card["supervised_dictionary"]["sae"]["sufficiency"] == pytest.approx(direct["sae"]["sufficiency"])
     assert "supervised_dictionary" not in report_card(run, model=tiny_model, max_contexts=2, budget_curve=False,
                                                       write=False, n_boot=0)
+    from analysis.eval_compare import card_figures
+
+    sup = card["supervised_dictionary"]
+    fig = card_figures(card)["supervised_dictionary"]  # shown with the card's other figures on the Runs page
+    bars = {t.name: list(t.y) for t in fig.data if t.type == "bar"}
+    assert bars == {"supervised dictionary": [sup["supervised"]["sufficiency"], sup["supervised"]["necessity"]],
+                    "SAE": [sup["sae"]["sufficiency"], sup["sae"]["necessity"]]}
+    line = next(t for t in fig.data if t.type == "scatter")
+    assert list(line.x) == [1, 2, 4, 8] and list(line.y) == [sup["sae"]["control"][str(k)] for k in (1, 2, 4, 8)]
+    assert sup["supervised"]["control"] in [s.y0 for s in fig.layout.shapes]
     # the quasi-orthogonality diagnostics are in every card, on the same held-out tokens as afa_card, with a figure
     from analysis.afa import afa_card
     from analysis.eval_compare import card_figures

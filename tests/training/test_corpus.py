@@ -89,3 +89,35 @@ def test_unknown_model_is_one_clear_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="Could not load model 'no-such-org/no-such-model'"):
         load_model("no-such-org/no-such-model")
+
+
+def test_task_corpora_are_prompts_with_their_correct_answer(tiny_model):
+    """`task:NAME` streams the circuit task's prompts completed by the right answer (task data for an SAE)."""
+    import itertools
+    import re
+
+    from analysis.tasks import NAMES, SVA_NOUNS, TaskError
+
+    ioi = list(itertools.islice(iter_texts("task:ioi"), 200))
+    orders = []
+    for text in ioi:
+        m = re.fullmatch(r"When (\w+) and (\w+) went to the \w+, (\w+) gave a \w+ to (\w+)\.", text)
+        assert m, text
+        a, b, subject, answer = m.groups()
+        assert subject in (a, b) and answer == (b if subject == a else a) and answer != subject
+        orders.append("ABBA" if answer == a else "BABA")
+        assert f" {answer}" in NAMES
+    assert orders[:4] == ["ABBA", "BABA", "ABBA", "BABA"]
+    assert ioi == list(itertools.islice(iter_texts("task:ioi"), 200))  # the same stream each time
+    assert len(set(ioi)) > 150
+    for text in itertools.islice(iter_texts("task:greater_than"), 100):
+        start, end = re.fullmatch(r"The \w+ lasted from the year (\d\d)(\d\d) to the year \1(\d\d)\.", text).group(2, 3)
+        assert int(end) > int(start)
+    plurals = {p.strip() for _, p in SVA_NOUNS}
+    for text in itertools.islice(iter_texts("task:sva"), 100):
+        subject, verb = re.fullmatch(r"The (\w+) near the \w+ (is|are) here\.", text).groups()
+        assert (verb == "are") == (subject in plurals)
+    rows = token_contexts(tiny_model.tokenizer, "task:ioi", 32, 3)
+    assert rows.shape == (3, 32) and "gave a" in tiny_model.tokenizer.decode(rows[0])
+    with pytest.raises(TaskError, match="Unknown task 'nope'"):
+        next(iter_texts("task:nope"))
