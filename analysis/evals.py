@@ -285,6 +285,15 @@ def format_report(card: dict) -> str:
         zf, eps = card["afa"]["zf"], card["afa"]["epsilon_lbo"]
         lines.append(f"  quasi-orthogonality (Lee et al.): ZF slope {fmt(zf['slope'], '.3f')}, r "
                      f"{fmt(zf['correlation'], '.3f')}; ε_LBO median {fmt(eps['median'], '.3g')}")
+    if sup := card.get("supervised_dictionary"):
+        sd, sae = sup["supervised"], sup.get("sae", {})
+        control = ", ".join(f"k={k} {fmt(v, '.2f')}" for k, v in sae.get("control", {}).items())
+        lines.append(f"  supervised {sup['task']} dictionary (Makelov et al.) at {sup['position_name']}, "
+                     f"{sup['n_prompts']} prompts{'' if sup['reliable'] else ' (unreliable: see note)'}: "
+                     f"sufficiency {fmt(sd['sufficiency'], '.2f')} vs SAE {fmt(sae.get('sufficiency'), '.2f')}, "
+                     f"necessity {fmt(sd['necessity'], '.2f')} vs SAE {fmt(sae.get('necessity'), '.2f')}, "
+                     f"IO-edit control {fmt(sd.get('control'), '.2f')} vs SAE {control or 'n/a'} "
+                     f"(counterfactual patch {fmt(sup.get('counterfactual_patch_control'), '.2f')})")
     return "\n".join(lines)
 
 

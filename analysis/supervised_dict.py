@@ -238,11 +238,14 @@ def supervised_figure(scores: dict):
         ks = sorted(sae["control"], key=int)
         fig.add_trace(go.Scatter(x=[int(k) for k in ks], y=[sae["control"][k] for k in ks], mode="lines+markers",
                                  name="SAE greedy edit", legendgroup="SAE"), row=1, col=2)
-    for key, value, dash in (("supervised edit", sup.get("control"), "dash"),
-                             ("counterfactual patch (ceiling)", scores.get("counterfactual_patch_control"), "dot")):
+    for key, value, dash, where in (
+            ("supervised edit", sup.get("control"), "dash", "top left"),
+            ("counterfactual patch (ceiling)", scores.get("counterfactual_patch_control"), "dot", "bottom right")):
         if value is not None:
-            fig.add_hline(y=value, line_dash=dash, annotation_text=f"{key} {value:.2f}", row=1, col=2)
-    fig.update_xaxes(title_text="k (features edited)", type="log", row=1, col=2)
+            fig.add_hline(y=value, line_dash=dash, annotation_text=f"{key} {value:.2f}", annotation_position=where,
+                          row=1, col=2)
+    ks = sorted(int(k) for k in sae.get("control", {}))
+    fig.update_xaxes(title_text="k (features edited)", type="log", tickvals=ks or None, row=1, col=2)
     fig.update_yaxes(title_text="fraction of prompts", range=[0, 1.05], row=1, col=2)
     where = f"{scores.get('hook', '')} @ {scores.get('position_name', '')}"
     note = "" if scores.get("reliable", True) else " (unreliable: the task barely reads this activation)"

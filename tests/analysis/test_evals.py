@@ -612,6 +612,10 @@ def test_report_card_adds_the_supervised_dictionary_scores_on_request(runs, tiny
     line = next(t for t in fig.data if t.type == "scatter")
     assert list(line.x) == [1, 2, 4, 8] and list(line.y) == [sup["sae"]["control"][str(k)] for k in (1, 2, 4, 8)]
     assert sup["supervised"]["control"] in [s.y0 for s in fig.layout.shapes]
+    from analysis.evals import format_report
+
+    printed = format_report(card).splitlines()[-1]  # what `saewb eval --supervised ioi` prints
+    assert printed.startswith("  supervised ioi dictionary") and f"vs SAE {sup['sae']['sufficiency']:.2f}" in printed
     # the quasi-orthogonality diagnostics are in every card, on the same held-out tokens as afa_card, with a figure
     from analysis.afa import afa_card
     from analysis.eval_compare import card_figures

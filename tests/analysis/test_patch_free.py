@@ -156,6 +156,10 @@ def test_trace_circuit_graph_on_briefly_trained_dictionaries(tiny_model, prompt,
     save_sae(saes["blocks.1.hook_mlp_out"], run_dir)
     save_patch_free(graph, run_dir)
     assert load_patch_free(run_dir)["target"]["label"] == graph["target"]["label"]
+    import plotly.io
+
+    saved = plotly.io.from_json((run_dir / "circuits" / "patch_free.plotly.json").read_text())
+    assert saved.layout.title.text == graph_figure(graph).layout.title.text
     monkeypatch.setenv("SAEWB_RUNS_DIR", str(tmp_path / "runs"))
     at = AppTest.from_file(str(ROOT / "app" / "streamlit_app.py"), default_timeout=90)
     at.run()
