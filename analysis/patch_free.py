@@ -553,28 +553,36 @@ CONVENTIONS = {
 
 
 def graph_figure(graph: dict):
-    """Layered plotly figure: x = writer (embedding, attn0, mlp0, ...; the target last), y = rank by |effect|;
-    edge colour = sign, width = |weight|; biases/approximations sit half a column left of the node they feed."""
+    """Layered plotly figure: x = the writers that hold a node (embedding, attn0, mlp0, ...; the target last; a model
+    with 61 writers would not fit otherwise), y = rank by |effect|; edge colour = sign, width = |weight|; biases and
+    approximations sit in a column just left of the node they feed. Full labels are in the hover text."""
     import plotly.graph_objects as go
 
     from analysis.circuit_graph import layered_edges
 
-    fig, position = layered_edges(graph)
-    nodes = graph["nodes"]
+    n_writers = len(graph["hooks"])
+    columns = sorted({n["order"] for n in graph["nodes"]})
+    x_of = {order: i for i, order in enumerate(columns)}
+    nodes = [n | {"order": x_of[n["order"]]} for n in graph["nodes"]]
+    fig, position = layered_edges(graph | {"nodes": nodes})
     symbols = {"latent": "circle", "error": "square", "bias": "diamond", "approx": "x", "target": "star"}
+    short = {"bias": "bias", "approx": "approx."}
     fig.add_trace(go.Scatter(
         x=[position[n["id"]][0] for n in nodes], y=[position[n["id"]][1] for n in nodes], mode="markers+text",
-        text=[n["label"] for n in nodes], textposition="middle right", showlegend=False, hoverinfo="text",
-        hovertext=[f"{n['id']}<br>effect {n['effect']:.4g}" + (f"<br>value {n['value']:.4g}" if "value" in n else "")
-                   for n in nodes],
+        text=[short.get(n["kind"], n["label"].split(" '")[0].split(' "')[0]) for n in nodes],  # no token text
+        textposition="middle right", showlegend=False,
+        hoverinfo="text", textfont=dict(size=10),
+        hovertext=[f"{n['label']}<br>{n['id']}<br>effect {n['effect']:.4g}"
+                   + (f"<br>value {n['value']:.4g}" if "value" in n else "") for n in nodes],
         marker=dict(size=12, symbol=[symbols.get(n["kind"], "circle") for n in nodes],
                     color=[n["effect"] for n in nodes], colorscale="RdBu", cmid=0, colorbar=dict(title="effect"))))
-    ticks = [short_hook(h) for h in graph["hooks"]] + ["target"]
+    names = [short_hook(h) for h in graph["hooks"]] + ["target"]
+    ticks = [names[int(o)] if float(o).is_integer() and int(o) <= n_writers else "" for o in columns]
     root = graph["checks"][0]
     fig.update_layout(title=f"Patch-free circuit for {graph['target']['label']} = {root['value']:.4g} "
                             f"(all parts sum to {root['sum_of_parts']:.4g})",
-                      xaxis=dict(tickvals=list(range(len(ticks))), ticktext=ticks), yaxis=dict(showticklabels=False),
-                      height=300 + 25 * max(1, max(n["rank"] for n in nodes)))
+                      xaxis=dict(tickvals=list(range(len(columns))), ticktext=ticks, range=[-0.5, len(columns) + 0.5]),
+                      yaxis=dict(showticklabels=False), height=300 + 25 * max(1, max(n["rank"] for n in nodes)))
     return fig
 
 

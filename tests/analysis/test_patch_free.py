@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis.patch_free import (Decomposition, LatentTarget, LogitTarget, ScoreTarget, expand_latent, expand_logit,
-                                 expand_score, graph_figure, load_patch_free, rope, save_patch_free, trace_circuit,
+                                 expand_score, graph_figure, load_patch_free, rope, save_patch_free, short_hook, trace_circuit,
                                  train_writer_saes, writer_hooks)
 from saes import build_sae
 
@@ -144,7 +144,13 @@ def test_trace_circuit_graph_on_briefly_trained_dictionaries(tiny_model, prompt,
     for key in ("id", "hook", "order", "kind", "effect", "rank", "label"):  # circuit_graph.py's node fields
         assert all(key in n for n in graph["nodes"])
     json.dumps(graph)
-    graph_figure(graph)
+    fig = graph_figure(graph)  # x: only the columns that hold a node, in writer order, the target last
+    columns = sorted({n["order"] for n in graph["nodes"]})
+    markers = fig.data[-1]
+    assert set(markers.x) == set(range(len(columns))) and len(markers.x) == len(graph["nodes"])
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[-1] == "target" and [t for t in ticks[:-1] if t] == [
+        short_hook(graph["hooks"][int(o)]) for o in columns[:-1] if float(o).is_integer()]
     score = trace_circuit(tiny_model, saes, prompt, ScoreTarget(1, 2, -1, 3), depth=2, top_k=2)
     assert score["qk_pairs"] and abs(score["checks"][0]["sum_of_parts"] - score["checks"][0]["value"]) < TOL
     # the Circuits page draws a saved patch-free graph
