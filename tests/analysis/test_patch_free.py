@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from analysis.patch_free import (Decomposition, LatentTarget, LogitTarget, ScoreTarget, expand_latent, expand_logit,
-                                 expand_score, graph_figure, load_patch_free, rope, save_patch_free, short_hook, trace_circuit,
-                                 train_writer_saes, writer_hooks)
+                                 expand_score, graph_figure, load_patch_free, rope, save_patch_free, short_hook,
+                                 trace_circuit, train_writer_saes, writer_hooks)
 from saes import build_sae
 
 ROOT = Path(__file__).resolve().parents[2]
