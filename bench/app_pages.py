@@ -69,8 +69,8 @@ def visit(page, url: str, name: str, latent: int, run: str) -> float:
     elif name == "steering":
         page.get_by_role("button", name="Steer", exact=True).click(timeout=WAIT_MS)
         expect(page.get_by_text("Continuations")).to_be_visible(timeout=WAIT_MS)
-    elif name == "circuits":
-        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=WAIT_MS)
+    elif name == "circuits":  # a collapsed panel's figure (the patch-free one) comes first in the page but is hidden
+        expect(page.locator(".js-plotly-plot:visible").first).to_be_visible(timeout=WAIT_MS)
     page.wait_for_timeout(1500)  # let the last figures draw before the screenshot
     return time.perf_counter() - started - 1.5
 
@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--run", default="demo", help="the run shown (its folder name under --runs)")
     parser.add_argument("--latent", type=int, default=657, help="the latent the Feature and Steering pages show")
     parser.add_argument("--pages", default="runs,feature,live,steering,circuits",
-                        help="comma-separated; PAGE:TAB also opens a tab of the page (e.g. feature:Heads)")
+                        help="comma-separated; PAGE:NAME also opens a tab or an expander of the page and pictures it "
+                             "(e.g. feature:Heads, 'circuits:Patch-free circuit')")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "img", help="where the screenshots go")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "app_pages.json",
                         help="the timings (pass another file for runs other than the demo)")
@@ -102,12 +103,17 @@ def main() -> None:
                 name, _, tab = spec.partition(":")  # "feature:Heads": the Feature page's Heads tab
                 cold = visit(page, url, name, args.latent, args.run)
                 warm = visit(page, url, name, args.latent, args.run)
-                if tab:
+                image = args.images / (f"{name}-{tab.lower().split()[0]}.png" if tab else f"{name}.png")
+                shot = page
+                if tab and page.get_by_role("tab", name=tab).count():
                     page.get_by_role("tab", name=tab).click(timeout=WAIT_MS)
+                elif tab:  # an expander: open it and picture only it
+                    shot = page.locator("details", has=page.locator("summary", has_text=tab)).first
+                    shot.locator("summary").click(timeout=WAIT_MS)
+                if tab:
                     page.locator(".js-plotly-plot:visible").first.wait_for(timeout=WAIT_MS)
                     page.wait_for_timeout(1500)
-                image = f"{name}-{tab.lower()}.png" if tab else f"{name}.png"
-                page.screenshot(path=str(args.images / image), full_page=True, timeout=WAIT_MS)
+                shot.screenshot(path=str(image), timeout=WAIT_MS, **({"full_page": True} if shot is page else {}))
                 timings[spec] = {"cold_s": round(cold, 1), "warm_s": round(warm, 1)}
                 print(f"{spec}: usable after {cold:.1f} s cold, {warm:.1f} s warm", flush=True)
             browser.close()
