@@ -618,7 +618,6 @@ def test_report_card_adds_the_supervised_dictionary_scores_on_request(runs, tiny
     assert printed.startswith("  supervised ioi dictionary") and f"vs SAE {sup['sae']['sufficiency']:.2f}" in printed
     # the quasi-orthogonality diagnostics are in every card, on the same held-out tokens as afa_card, with a figure
     from analysis.afa import afa_card
-    from analysis.eval_compare import card_figures
 
     alone = afa_card(run, write=False)
     assert card["afa"]["tokens"] == alone["tokens"] > 0
