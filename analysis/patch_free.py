@@ -589,9 +589,11 @@ def graph_figure(graph: dict):
 def save_patch_free(graph: dict, run_dir: str | Path) -> Path:
     """RUN_DIR/circuits/patch_free.json (+ the figure as patch_free.html and patch_free.plotly.json, which
     `python -m bench.readme_figures` renders); the Circuits page draws it."""
+    from training.activation_store import write_json_atomic
+
     out = Path(run_dir) / "circuits"
     out.mkdir(parents=True, exist_ok=True)
-    (out / PATCH_FREE_FILE).write_text(json.dumps(graph, indent=1))
+    write_json_atomic(out / PATCH_FREE_FILE, graph)  # the Circuits page never reads half a graph
     figure = graph_figure(graph)
     figure.write_html(str(out / "patch_free.html"), include_plotlyjs="cdn")
     (out / "patch_free.plotly.json").write_text(figure.to_json())

@@ -109,6 +109,9 @@ def main() -> None:
                     page.get_by_role("tab", name=tab).click(timeout=WAIT_MS)
                 elif tab:  # an expander: open it and picture only it
                     shot = page.locator("details", has=page.locator("summary", has_text=tab)).first
+                    if not shot.count():
+                        raise SystemExit(f"The {name} page of run {args.run!r} has no tab or expander named {tab!r}: "
+                                         "check the name as the page shows it (e.g. feature:Heads).")
                     shot.locator("summary").click(timeout=WAIT_MS)
                 if tab:
                     page.locator(".js-plotly-plot:visible").first.wait_for(timeout=WAIT_MS)
