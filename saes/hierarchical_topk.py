@@ -194,7 +194,7 @@ class HierarchicalTopKSAE(SAE):
 
     def select_sparse(self, pre_acts: Tensor, *, x_scaled: Tensor, grad: Tensor | None) -> fast.Selection:
         """The top-k_max pairs in descending order of u per token (the prefix order, §5.5)."""
-        return fast.Selection.per_token(pre_acts.topk(self.cfg.k_max, dim=-1, sorted=True).indices, self.cfg.d_sae)
+        return fast.Selection.topk(pre_acts, self.cfg.k_max)
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, grad: Tensor | None = None) -> SAEOutput:
         """Train-mode pass. `mse` is the mean over j in J of the prefix-j error; codes and x_hat are at k_max."""
@@ -202,7 +202,8 @@ class HierarchicalTopKSAE(SAE):
         self._check_trainable()
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         if self.fast_path:
-            x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+            x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc,
+                                                         self.pre_acts_buffer)
             selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
             indices = selection.indices
             values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,

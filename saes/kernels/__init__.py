@@ -1,0 +1,117 @@
+"""Compiled CPU kernels of the fast training path, with the torch op as the fallback (docs/methods.md §2.1).
+
+`topk_indices` is the per-token top-k selection of the TopK family. On CPU, torch.topk copies every row into
+(value, index) pairs and partial-sorts them: about 11 % of the default TopK step here. The kernel in topk.cpp finds a
+lower bound of each row's k-th largest value from two passes of block maxima and ranks only the elements above it:
+the same indices in the same order (largest first; equal values: the smaller index first), about 3x faster
+(`python -m bench.train_throughput` profiles it).
+
+It is compiled once per machine with torch's C++ extension builder (a C++ compiler and ninja; about a minute, cached
+under ~/.cache/torch_extensions). `make install` builds it; without a compiler, or with SAEWB_KERNELS=0, every call
+takes torch.topk, with one warning that says why.
+
+    python -m saes.kernels    # build (or find) the kernel and check it against torch.topk
+"""
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("topk.cpp")
+_state: dict = {}  # "module": the loaded extension or None; "reason": why it is None
+
+
+def _extension_name() -> str:
+    """One build per source and CPU capability (the flags below depend on it)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return f"saewb_kernels_{capability}"
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _clear_stale_lock(name: str, older_than_s: float = 600.0) -> None:
+    """torch's builder waits forever on the lock file of a build that was killed; one older than 10 min is stale."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > older_than_s:
+        lock.unlink(missing_ok=True)
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's binary may not be there (a venv not activated)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(verbose: bool = False):
+    """The compiled extension, building it on first use; None (with the reason in `unavailable_reason()`) when it
+    cannot be built or SAEWB_KERNELS=0."""
+    if "module" in _state:
+        return _state["module"]
+    _state["module"], _state["reason"] = None, None
+    if os.environ.get("SAEWB_KERNELS", "1") == "0":
+        _state["reason"] = "SAEWB_KERNELS=0"
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        _put_ninja_on_path()
+
+        name = _extension_name()
+        _clear_stale_lock(name)
+        _state["module"] = build(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+                                 verbose=verbose)
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch op still works
+        _state["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+        warnings.warn(f"saes.kernels: the compiled top-k kernel is unavailable ({_state['reason']}); using "
+                      "torch.topk, which is slower. Install a C++ compiler and ninja, then run "
+                      "`python -m saes.kernels`.", RuntimeWarning, stacklevel=3)
+    return _state["module"]
+
+
+def unavailable_reason() -> str | None:
+    return _state.get("reason")
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
+    NaN ranked with +inf). scores: [rows, n], detached. The compiled kernel on CPU float32/float64, torch.topk
+    otherwise (whose order among exactly equal scores is unspecified)."""
+    if (scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in (torch.float32, torch.float64)
+            and not scores.requires_grad and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0):
+        module = load()
+        if module is not None:
+            return module.topk_last_dim(scores, k)[1]
+    return scores.topk(k, dim=-1, sorted=True).indices
+
+
+def main() -> None:
+    """Build the kernel (or find it built) and check it against the reference order on random rows."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m saes.kernels", description=main.__doc__).parse_args()
+    started = time.perf_counter()
+    module = load(verbose=False)
+    if module is None:
+        print(f"saes.kernels: not built ({unavailable_reason()}); training uses torch.topk.")
+        return
+    scores = torch.randn(512, 2304, generator=torch.Generator().manual_seed(0))
+    reference = scores.sort(dim=-1, descending=True, stable=True).indices[:, :32]
+    if not torch.equal(module.topk_last_dim(scores, 32)[1], reference):
+        raise SystemExit("saes.kernels: the compiled top-k disagrees with the reference order; set SAEWB_KERNELS=0 "
+                         "and report this machine's compiler.")
+    print(f"saes.kernels: top-k kernel ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")
+
