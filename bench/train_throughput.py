@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.machine import describe_machine
-from saes import build_sae
+from saes import build_sae, kernels
 from training.trainer import LoopConfig, Trainer
 
 PRESETS = {"cpu": dict(d=576, n=2304, k=32, batch=4096, dtype="float32", device="cpu", threads=2),
@@ -428,6 +428,7 @@ def main() -> None:
         "matmul_flop_per_s": round(matmul_rate), "floor_tokens_per_s": round(batch / floor_best),
         "protocol": f"{args.rounds} interleaved rounds x {args.steps} step(s) per run, each after a floor matmul, "
                     f"after {args.warmup} warm-up steps; sparsify: {args.steps} step(s) per round in its venv",
+        "cpu_topk_selection": kernels.describe(),
         "results": results, "summary": summary, "profile_default_topk": profile,
         "peak_memory_default_topk": memory,
         "sparsify": {"version": sparsify_version, "step": "its SparseCoder forward/backward, signum optimiser, "

@@ -2,17 +2,18 @@
 
 `topk_indices` is the per-token top-k selection of the TopK family. On CPU, torch.topk copies every row into
 (value, index) pairs and partial-sorts them: about 11 % of the default TopK step here. The kernel in topk.cpp finds a
-lower bound of each row's k-th largest value from two passes of block maxima and ranks only the elements above it:
-the same indices in the same order (largest first; equal values: the smaller index first), about 3x faster
-(`python -m bench.train_throughput` profiles it).
+lower bound of each row's k-th largest value from two passes of block maxima and ranks only the elements above it.
+Its order is that of a stable descending sort (largest first; equal values: the smaller index first; torch.topk
+leaves ties unspecified), and it runs about 3x faster (`python -m bench.train_throughput` profiles the step).
 
 It is compiled once per machine with torch's C++ extension builder (a C++ compiler and ninja; about a minute, cached
 under ~/.cache/torch_extensions). `make install` builds it; without a compiler, or with SAEWB_KERNELS=0, every call
 takes torch.topk, with one warning that says why.
 
-    python -m saes.kernels    # build (or find) the kernel and check it against torch.topk
+    python -m saes.kernels    # build (or find) the kernel and check it against a stable descending sort
 """
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -68,10 +69,14 @@ def load(verbose: bool = False):
     try:
         from torch.utils.cpp_extension import load as build
 
-        _put_ninja_on_path()
+        from torch.utils.cpp_extension import _get_build_directory
 
+        _put_ninja_on_path()
         name = _extension_name()
         _clear_stale_lock(name)
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+            print("saes.kernels: compiling the top-k kernel for this machine (once, about a minute)...",
+                  file=sys.stderr, flush=True)
         _state["module"] = build(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                                  verbose=verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: the torch op still works
@@ -84,6 +89,11 @@ def load(verbose: bool = False):
 
 def unavailable_reason() -> str | None:
     return _state.get("reason")
+
+
+def describe() -> str:
+    """Which top-k the fast path takes on CPU here, for benchmark reports."""
+    return f"compiled kernel ({_extension_name()})" if load() is not None else f"torch.topk ({unavailable_reason()})"
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
