@@ -288,19 +288,11 @@ class SAE(nn.Module):
         cls = type(self)
         return _owner(cls, "select") is _owner(cls, "select_sparse")
 
-    @property
-    def pre_acts_buffer(self) -> fast.ReusedBuffer:
-        """The fast path's pre-activation output, reused across training steps (saes/sparse_topk.ReusedBuffer)."""
-        if "_pre_acts_buffer" not in self.__dict__:
-            self.__dict__["_pre_acts_buffer"] = fast.ReusedBuffer()
-        return self.__dict__["_pre_acts_buffer"]
-
     def _fast_forward(self, x: Tensor, *, dead_mask: Tensor | None, grad: Tensor | None) -> SAEOutput:
         """`forward` through saes/sparse_topk.py: the same selection, values, losses and gradients as the dense path,
         with the encoder backward and the decode touching only the selected latents."""
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
-        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc,
-                                                     self.pre_acts_buffer)
+        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
         values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,
                                       relu=not self.signed)

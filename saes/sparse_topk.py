@@ -312,47 +312,13 @@ def sparse_decode(values: Tensor, W_dec: Tensor, selection: Selection) -> Tensor
     return _SparseDecode.apply(values, W_dec, selection)
 
 
-class ReusedBuffer:
-    """The [B, n] pre-activation output, kept from one step to the next on CPU. A fresh tensor of that size (38 MB
-    at the benchmark shape) is new memory from the OS every step, and its page faults cost about 5 % of the encoder
-    matmul here. Reused only while nothing else holds it (an SAEOutput kept by the caller, a view), so no value a
-    caller kept is ever overwritten; CUDA's caching allocator already reuses memory, so there it is not used."""
-
-    def __init__(self) -> None:
-        self.tensor: Tensor | None = None
-
-    def get(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor | None:
-        if device.type != "cpu" or torch.is_autocast_enabled("cpu"):  # autocast ops take no out=
-            return None
-        held = self.tensor
-        if held is None or held.shape != shape or held.dtype != dtype or not _unshared(held):
-            held = self.tensor = torch.empty(shape, dtype=dtype, device=device)
-        return held
-
-
-def _unshared(tensor: Tensor) -> bool:
-    """No tensor but `tensor` itself uses its storage (views and aliases each add a use)."""
-    try:
-        return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2  # this tensor + the query's own
-    except (AttributeError, RuntimeError):  # the private counter moved: never reuse
-        return False
-
-
-def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
-                     buffer: ReusedBuffer | None = None) -> tuple[Tensor, Tensor]:
+def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
     """(x_centered, u): the dense encoder forward without autograd (its backward is `gather_pre_acts`'s).
 
-    x_centered = s·x - b_dec keeps x's autograd history (b_dec detached); u [B, n] is detached, written into
-    `buffer`'s tensor when one is given and free."""
+    x_centered = s·x - b_dec keeps x's autograd history (b_dec detached); u [B, n] is detached."""
     x_centered = x_scaled - b_dec.detach()
     with torch.no_grad():
-        out = None if buffer is None else buffer.get((x_centered.shape[0], W_enc.shape[0]), W_enc.dtype,
-                                                     W_enc.device)
-        if out is None or x_centered.dtype != W_enc.dtype or b_enc.dtype != W_enc.dtype:
-            pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)
-        else:
-            # an alias, not the buffer's own tensor: whoever keeps it adds a use to the storage, which `get` sees
-            pre_acts = torch.addmm(b_enc, x_centered, W_enc.T, out=out).detach()
+        pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)
     return x_centered, pre_acts
 
 

@@ -38,11 +38,15 @@ def _flags() -> list[str]:
     return flags
 
 
+def _build_directory(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory  # honours TORCH_EXTENSIONS_DIR
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
 def _clear_stale_lock(name: str, older_than_s: float = 600.0) -> None:
     """torch's builder waits forever on the lock file of a build that was killed; one older than 10 min is stale."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock = _build_directory(name) / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > older_than_s:
         lock.unlink(missing_ok=True)
 
@@ -69,12 +73,10 @@ def load(verbose: bool = False):
     try:
         from torch.utils.cpp_extension import load as build
 
-        from torch.utils.cpp_extension import _get_build_directory
-
         _put_ninja_on_path()
         name = _extension_name()
         _clear_stale_lock(name)
-        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+        if not (_build_directory(name) / f"{name}.so").exists():
             print("saes.kernels: compiling the top-k kernel for this machine (once, about a minute)...",
                   file=sys.stderr, flush=True)
         _state["module"] = build(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
@@ -98,10 +100,10 @@ def describe() -> str:
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
-    NaN ranked with +inf). scores: [rows, n], detached. The compiled kernel on CPU float32/float64, torch.topk
+    NaN ranked with +inf). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU float32/float64, torch.topk
     otherwise (whose order among exactly equal scores is unspecified)."""
     if (scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in (torch.float32, torch.float64)
-            and not scores.requires_grad and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0):
+            and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0):
         module = load()
         if module is not None:
             return module.topk_last_dim(scores, k)[1]
@@ -124,4 +126,3 @@ def main() -> None:
         raise SystemExit("saes.kernels: the compiled top-k disagrees with the reference order; set SAEWB_KERNELS=0 "
                          "and report this machine's compiler.")
     print(f"saes.kernels: top-k kernel ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")
-
