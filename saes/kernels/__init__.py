@@ -100,8 +100,8 @@ def describe() -> str:
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
-    NaN ranked with +inf). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU float32/float64, torch.topk
-    otherwise (whose order among exactly equal scores is unspecified)."""
+    NaN ranked with +inf). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU float32/float64,
+    torch.topk otherwise (whose order among exactly equal scores is unspecified)."""
     if (scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in (torch.float32, torch.float64)
             and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0):
         module = load()
