@@ -197,11 +197,10 @@ def time_steps(fn, steps: int, device: str) -> float:
 PHASES = [
     ("encoder matmul", "saes.sparse_topk.encoder_pre_acts"),
     ("top-k selection", "select_sparse"),
-    ("gather + decode (forward)", "saes.sparse_topk.gather_pre_acts|saes.sparse_topk.sparse_decode"),
-    ("losses + metrics", "saes.sparse_topk.squared_error|saes.sparse_topk.total_variance"),
-    ("backward: decode (W_dec rows, value dots)", "autograd::engine::evaluate_function: _SparseDecodeBackward"),
+    ("gather of the selected pre-activations", "saes.sparse_topk.gather_pre_acts"),
+    ("decode + squared error + value dots (forward)", "saes.sparse_topk.decode_error"),
+    ("backward: decode (W_dec rows, value gradients)", "autograd::engine::evaluate_function: _DecodeErrorBackward"),
     ("backward: encoder (W_enc rows, b_enc, b_dec)", "autograd::engine::evaluate_function: _GatherPreActsBackward"),
-    ("backward: loss", "autograd::engine::evaluate_function: _SquaredErrorBackward"),
     ("projection (radial gradient out)", "after_backward"),
     ("clip + fused Adam", "optimizer_step"),
     ("decoder renormalisation", "after_step"),
@@ -228,7 +227,7 @@ def labelled_phases(trainer: Trainer):
         patches.append((owner, name, original))
         setattr(owner, name, wrapped)
 
-    for fn in ("encoder_pre_acts", "gather_pre_acts", "sparse_decode", "squared_error", "total_variance"):
+    for fn in ("encoder_pre_acts", "gather_pre_acts", "decode_error"):
         label(fast, fn, f"saes.sparse_topk.{fn}")  # the SAEs call them as attributes of this module
     for name in ("select_sparse", "after_backward", "after_step"):
         label(sae, name, name)

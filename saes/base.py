@@ -296,15 +296,14 @@ class SAE(nn.Module):
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
         values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,
                                       relu=not self.signed)
-        decoded = fast.sparse_decode(values, self.W_dec, selection)
-        sq_error, residual = fast.squared_error(x_centered, decoded, self.b_dec)
+        sq_error, residual, total = fast.decode_error(values, self.W_dec, selection, x_centered, self.b_dec,
+                                                      center=x_centered.detach().mean(0))  # total: §1.7
         losses = {"mse": sq_error / x.shape[0]}  # ops.mse_sum
         losses.update(self.fast_aux_losses(pre_acts, x_centered, residual, dead_mask))
-        total = fast.total_variance(x_centered)
         with fast.serial(x.device):
             l0 = ((values.detach() != 0).sum() / selection.batch).float()
         metrics = {"fvu": (sq_error.detach() / total.clamp_min(torch.finfo(total.dtype).tiny)), "l0": l0}  # ops.fvu
-        return SAEOutput(lambda: (decoded + self.b_dec) / self.input_scale, None, pre_acts, losses, metrics,
+        return SAEOutput(lambda: (x_scaled - residual) / self.input_scale, None, pre_acts, losses, metrics,
                          values=values, selection=selection)
 
     def fast_aux_losses(self, pre_acts: Tensor, x_centered: Tensor, residual: Tensor,

@@ -11,7 +11,9 @@ variable number per token for batch-level rules (flat `indices [N]` sorted by to
   -(grad b_enc) W_enc, and the input's (when it needs one) a gather-sum of encoder rows per token;
 * `sparse_decode` is the gather-sum Σ z_i d_i per token, whose backward is again one gather-sum per latent for
   W_dec and a per-pair dot product for the values;
-* `fast_auxk` is AuxK (§1.5) on the dead latents only, through the same two functions, without a host sync.
+* `decode_error` is that decode fused with its squared error (and FVU's denominator): on CPU one compiled pass per
+  token computes the residual and the per-pair dots the backward needs while the decoder rows are in cache;
+* `fast_auxk` is AuxK (§1.5) on the dead latents only, through the same functions, without a host sync.
 
 The selection rule of every variant is unchanged: it picks indices from the detached pre-activations exactly as its
 dense `select` does. The dense path (`kernel="dense"`) is the reference; tests/saes/test_fast_path.py checks that
@@ -138,6 +140,11 @@ class Selection:
         encoder's and the decoder's backward."""
         if self._plan is None:
             tokens = self.entry_tokens()
+            module = kernels.for_tensor(torch.empty(0, device=self.device))
+            if module is not None:  # a counting sort: the same stable order, several times faster than a sort
+                order, offsets = module.latent_plan(self.indices, self.d_sae)
+                self._plan = LatentPlan(order, tokens[order], offsets)
+                return self._plan
             with serial(self.device):
                 keys = self.indices.reshape(-1)
                 if self.d_sae < 2**31:
@@ -266,37 +273,58 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, grad_W, None
 
 
-class _SquaredError(torch.autograd.Function):
-    """(Σ ||r||², r) with r = x_centered - decoded = s·x - b_dec - decoded: one pass forward, one backward."""
+class _DecodeError(torch.autograd.Function):
+    """(Σ_tokens ||r||², r, Σ_tokens ||target - center||²) with r = target - Σ_i z_i d_i: the sparse decode and its
+    squared error in one pass per token (on CPU, the compiled `decode_residual`, which also computes the dots
+    <r, d_i> the backward needs while the decoder rows are in cache). b_dec (or None) only receives the gradient
+    of x̂ = decoded + b_dec: target = s·x - b_dec already holds it, detached."""
 
     @staticmethod
-    def forward(ctx, x_centered: Tensor, decoded: Tensor, b_dec: Tensor):
-        residual = x_centered - decoded
-        ctx.save_for_backward(residual)
-        ctx.mark_non_differentiable(residual)
-        flat = residual.reshape(-1)
-        return torch.dot(flat, flat), residual
+    def forward(ctx, values: Tensor, W_dec: Tensor, target: Tensor, b_dec: Tensor | None, selection: Selection,
+                center: Tensor | None):
+        module = kernels.for_tensor(W_dec)
+        if module is not None:
+            residual, dots, per_token, centered = module.decode_residual(
+                values.detach(), W_dec.detach(), selection.indices, selection.bag_offsets(), target.detach(),
+                None if center is None else center.detach())
+            sq_error, total = per_token.sum(), centered.sum()
+        else:
+            residual = target.detach() - selection.bag_sum(W_dec.detach(), values.detach())
+            dots = None  # computed in the backward
+            sq_error = torch.linalg.vector_norm(residual).square()
+            total = (residual.new_zeros(()) if center is None
+                     else torch.linalg.vector_norm(target.detach() - center.detach()).square())
+        ctx.selection = selection
+        ctx.save_for_backward(values, W_dec, residual, dots)
+        ctx.mark_non_differentiable(residual, total)
+        return sq_error, residual, total
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_residual):
-        (residual,) = ctx.saved_tensors
+    def backward(ctx, grad: Tensor, _grad_residual, _grad_total):
+        values, W_dec, residual, dots = ctx.saved_tensors
+        selection: Selection = ctx.selection
         needs = ctx.needs_input_grad
-        grad_decoded = residual * (-2 * grad)  # d/d decoded; b_dec enters like decoded (x_hat = decoded + b_dec)
-        return (-grad_decoded if needs[0] else None, grad_decoded if needs[1] else None,
-                grad_decoded.sum(0) if needs[2] else None)
+        scale = -2 * grad.to(W_dec.dtype)  # d/d decoded of ||target - decoded||² is -2 r
+        grad_values = grad_W = grad_target = grad_b_dec = None
+        if needs[0]:
+            if dots is None:
+                dots = selection.entry_dots(residual, W_dec)
+            grad_values = (dots.reshape(values.shape) * scale).to(values.dtype)
+        if needs[1]:
+            grad_W = selection.latent_sum(residual, values.to(W_dec.dtype) * scale)
+        if needs[2]:
+            grad_target = residual * -scale
+        if needs[3]:
+            grad_b_dec = residual.sum(0) * scale
+        return grad_values, grad_W, grad_target, grad_b_dec, None, None
 
 
-def squared_error(x_centered: Tensor, decoded: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ_tokens ||s·x - x̂||² with x̂ = decoded + b_dec, and the residual s·x - x̂ [B, d] (detached).
-
-    x_centered = s·x - b_dec from a detached b_dec (`encoder_pre_acts`); b_dec's gradient is added here."""
-    return _SquaredError.apply(x_centered, decoded, b_dec)
-
-
-def total_variance(x_centered: Tensor) -> Tensor:
-    """Σ_tokens ||x - mean_batch(x)||² (FVU's denominator, §1.7), from x - b_dec (a shift changes nothing)."""
-    x_centered = x_centered.detach()
-    return torch.linalg.vector_norm(x_centered - x_centered.mean(0, keepdim=True)).square()
+def decode_error(values: Tensor, W_dec: Tensor, selection: Selection, target: Tensor, b_dec: Tensor | None = None,
+                 center: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`squared_error(target, sparse_decode(values, W_dec, selection), b_dec)` in one fused op, and FVU's
+    denominator: (Σ_tokens ||r||², r [B, d] detached, Σ_tokens ||target - center||² detached, 0 without center)
+    with r = target - Σ_i z_i d_i. values shaped like selection.indices; target [B, d]."""
+    return _DecodeError.apply(values, W_dec, target, b_dec, selection, center)
 
 
 def gather_pre_acts(pre_acts: Tensor, x_centered: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
@@ -339,8 +367,6 @@ def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Ten
         with serial(pre_acts.device):
             valid = dead_mask[selection.indices]  # [B, k_aux]
     values = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection, relu=not signed, keep=valid)
-    aux_hat = sparse_decode(values, W_dec, selection)  # [B, d_in]
-    residual = residual.detach()
-    numerator = (residual - aux_hat).pow(2).sum()
-    denominator = (residual - residual.mean(0, keepdim=True)).pow(2).sum()
+    residual = residual.detach()  # the target of the dead latents' decode [B, d_in]
+    numerator, _, denominator = decode_error(values, W_dec, selection, residual, center=residual.mean(0))
     return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0) * dead_mask.any()

@@ -75,6 +75,6 @@ class TopKSAE(SAE):
         if self.cfg.multi_topk:
             selection = fast.Selection.topk(pre_acts, min(4 * self.cfg.k, self.cfg.d_sae))
             z = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection, relu=True)
-            sq_error, _ = fast.squared_error(x_centered, fast.sparse_decode(z, self.W_dec, selection), self.b_dec)
+            sq_error, _, _ = fast.decode_error(z, self.W_dec, selection, x_centered, self.b_dec)
             losses["multi_topk"] = sq_error / pre_acts.shape[0] / 8  # ops.mse_sum at 4k, same units as `mse`
         return losses

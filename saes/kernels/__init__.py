@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("topk.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("topk.cpp", "sparse_ops.cpp", "bindings.cpp")]
 _state: dict = {}  # "module": the loaded extension or None; "reason": why it is None
 
 
@@ -77,10 +77,10 @@ def load(verbose: bool = False):
         name = _extension_name()
         _clear_stale_lock(name)
         if not (_build_directory(name) / f"{name}.so").exists():
-            print("saes.kernels: compiling the top-k kernel for this machine (once, about a minute)...",
+            print("saes.kernels: compiling the CPU kernels for this machine (once, about a minute)...",
                   file=sys.stderr, flush=True)
-        _state["module"] = build(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                                 verbose=verbose)
+        _state["module"] = build(name, [str(source) for source in SOURCES], extra_cflags=_flags(),
+                                 extra_ldflags=["-fopenmp"], verbose=verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: the torch op still works
         _state["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
         warnings.warn(f"saes.kernels: the compiled top-k kernel is unavailable ({_state['reason']}); using "
@@ -98,13 +98,19 @@ def describe() -> str:
     return f"compiled kernel ({_extension_name()})" if load() is not None else f"torch.topk ({unavailable_reason()})"
 
 
+def for_tensor(tensor: Tensor):
+    """The compiled extension when `tensor` is a CPU float32/float64 tensor and it is built, else None."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
+        return load()
+    return None
+
+
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
     NaN ranked with +inf). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU float32/float64,
     torch.topk otherwise (whose order among exactly equal scores is unspecified)."""
-    if (scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in (torch.float32, torch.float64)
-            and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0):
-        module = load()
+    if scores.dim() == 2 and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0:
+        module = for_tensor(scores)
         if module is not None:
             return module.topk_last_dim(scores, k)[1]
     return scores.topk(k, dim=-1, sorted=True).indices

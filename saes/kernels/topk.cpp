@@ -165,7 +165,3 @@ std::vector<torch::Tensor> topk_last_dim(const torch::Tensor& scores, int64_t k)
   });
   return {values, indices};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("topk_last_dim", &topk_last_dim, "(values, indices) of the k largest along the last dimension, largest first");
-}

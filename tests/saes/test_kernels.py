@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from saes import build_sae, kernels
+from saes import sparse_topk as fast
+from saes.sparse_topk import Selection
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and (shutil.which("ninja") is not None
                                                      or importlib.util.find_spec("ninja") is not None)
@@ -113,3 +115,83 @@ def test_a_killed_builds_lock_is_cleared_only_when_stale(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     kernels._clear_stale_lock("saewb_probe")
     assert not lock.exists()
+
+
+# ---- the fused decode and the latent plan (sparse_ops.cpp) ----------------------------------------------------
+def random_selection(batch: int, d_sae: int, m: int, flat: bool, generator) -> Selection:
+    """Per-token: m distinct latents per token; flat: a variable number per token (token 1 has none)."""
+    scores = torch.randn(batch, d_sae, generator=generator)
+    if not flat:
+        return Selection.topk(scores, m)
+    keep = scores > 1.0
+    keep[1] = False
+    return Selection.from_flat(keep.flatten().nonzero().flatten(), batch, d_sae)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flat", [False, True])
+def test_decode_residual_matches_its_definition(kernel, flat, dtype):
+    generator = torch.Generator().manual_seed(3)
+    batch, d_in, d_sae = 37, 45, 300  # d_in not a multiple of 8: the dots' tail
+    selection = random_selection(batch, d_sae, 7, flat, generator)
+    values = torch.randn(selection.indices.shape, generator=generator, dtype=dtype)
+    W = torch.randn(d_sae, d_in, generator=generator, dtype=dtype)
+    target = torch.randn(batch, d_in, generator=generator, dtype=dtype)
+    center = torch.randn(d_in, generator=generator, dtype=dtype)
+    residual, dots, sq, centered = kernel.decode_residual(values, W, selection.indices, selection.bag_offsets(),
+                                                          target, center)
+    tokens, latents = selection.entry_tokens(), selection.indices.reshape(-1)
+    codes = torch.zeros(batch, d_sae, dtype=dtype).index_put((tokens, latents), values.reshape(-1))
+    expected = target - codes @ W
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(residual, expected, **tol)
+    torch.testing.assert_close(dots, (expected[tokens] * W[latents]).sum(-1), **tol)
+    torch.testing.assert_close(sq, expected.pow(2).sum(-1), **tol)
+    torch.testing.assert_close(centered, (target - center).pow(2).sum(-1), **tol)
+    without = kernel.decode_residual(values, W, selection.indices, selection.bag_offsets(), target)
+    assert torch.equal(without[0], residual) and not without[3].any()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_latent_plan_is_a_stable_sort_by_latent(kernel, flat):
+    generator = torch.Generator().manual_seed(4)
+    selection = random_selection(50, 400, 9, flat, generator)
+    keys = selection.indices.reshape(-1)
+    order, offsets = kernel.latent_plan(keys, 400)
+    latents, expected = keys.sort(stable=True)
+    assert torch.equal(order, expected)
+    assert torch.equal(offsets, torch.searchsorted(latents, torch.arange(400)))
+    with pytest.raises(RuntimeError, match="outside"):
+        kernel.latent_plan(torch.tensor([0, 400]), 400)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_decode_error_equals_its_definition_with_and_without_the_kernel(kernel, flat, monkeypatch):
+    """Loss, residual, FVU denominator and the gradients of values, W_dec, target and b_dec, against autograd of
+    the plain formula, on the compiled path and on the torch path (no kernel) alike."""
+    generator = torch.Generator().manual_seed(5)
+    batch, d_in, d_sae = 29, 24, 200
+    selection = random_selection(batch, d_sae, 6, flat, generator)
+
+    def leaves():
+        g = torch.Generator().manual_seed(6)
+        return [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+                for shape in (selection.indices.shape, (d_sae, d_in), (batch, d_in), (d_in,))]
+
+    values, W, scaled_x, b_dec = leaves()  # target = s·x - b_dec with b_dec detached, as encoder_pre_acts gives it
+    codes = torch.zeros(batch, d_sae, dtype=torch.float64).index_put(
+        (selection.entry_tokens(), selection.indices.reshape(-1)), values.reshape(-1))
+    expected = (scaled_x - (codes @ W + b_dec)).pow(2).sum()
+    expected.backward()
+    center = scaled_x.detach().mean(0)
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(kernels, "for_tensor", lambda tensor: None)
+        v, w, sx, b = leaves()
+        sq, residual, total = fast.decode_error(v, w, selection, sx - b.detach(), b, center=center - b.detach())
+        torch.testing.assert_close(sq, expected.detach())
+        torch.testing.assert_close(residual, (scaled_x - codes @ W - b_dec).detach())
+        torch.testing.assert_close(total, (scaled_x - center).pow(2).sum().detach())
+        sq.backward()
+        for got, want, name in zip((v, w, sx, b), (values, W, scaled_x, b_dec), ("values", "W_dec", "x", "b_dec")):
+            torch.testing.assert_close(got.grad, want.grad, msg=f"{name} (kernel: {use_kernel})")
