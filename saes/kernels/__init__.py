@@ -1,16 +1,18 @@
-"""Compiled CPU kernels of the fast training path, with the torch op as the fallback (docs/methods.md §2.1).
+"""Compiled CPU kernels of the fast training path, with torch ops as the fallback (docs/methods.md §2.1).
 
-`topk_indices` is the per-token top-k selection of the TopK family. On CPU, torch.topk copies every row into
-(value, index) pairs and partial-sorts them: about 11 % of the default TopK step here. The kernel in topk.cpp finds a
-lower bound of each row's k-th largest value from two passes of block maxima and ranks only the elements above it.
-Its order is that of a stable descending sort (largest first; equal values: the smaller index first; torch.topk
-leaves ties unspecified), and it runs about 3x faster (`python -m bench.train_throughput` profiles the step).
+* `topk_indices`: the per-token top-k selection of the TopK family. torch.topk copies every row into (value, index)
+  pairs and partial-sorts them: about 11 % of the default TopK step here. topk.cpp finds a lower bound of each row's
+  k-th largest value from two passes of block maxima and ranks only the elements above it, about 3x faster. Its
+  order is that of a stable descending sort (largest first; equal values: the smaller index first; torch.topk
+  leaves ties unspecified).
+* `decode_residual` and `latent_plan` (sparse_ops.cpp), used by saes/sparse_topk.py: the sparse decode fused with
+  its residual, squared error and the dots its backward needs; the entries sorted by latent by a counting sort.
 
-It is compiled once per machine with torch's C++ extension builder (a C++ compiler and ninja; about a minute, cached
-under ~/.cache/torch_extensions). `make install` builds it; without a compiler, or with SAEWB_KERNELS=0, every call
-takes torch.topk, with one warning that says why.
+They are compiled once per machine with torch's C++ extension builder (a C++ compiler and ninja; about a minute,
+cached under ~/.cache/torch_extensions). `make install` builds them; without a compiler, or with SAEWB_KERNELS=0,
+the torch ops run instead, with one warning that says why.
 
-    python -m saes.kernels    # build (or find) the kernel and check it against a stable descending sort
+    python -m saes.kernels    # build (or find) the kernels and check the top-k against a stable descending sort
 """
 import os
 import sys
@@ -83,8 +85,8 @@ def load(verbose: bool = False):
                                  extra_ldflags=["-fopenmp"], verbose=verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: the torch op still works
         _state["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
-        warnings.warn(f"saes.kernels: the compiled top-k kernel is unavailable ({_state['reason']}); using "
-                      "torch.topk, which is slower. Install a C++ compiler and ninja, then run "
+        warnings.warn(f"saes.kernels: the compiled CPU kernels are unavailable ({_state['reason']}); using "
+                      "torch ops, which are slower. Install a C++ compiler and ninja, then run "
                       "`python -m saes.kernels`.", RuntimeWarning, stacklevel=3)
     return _state["module"]
 
@@ -94,8 +96,10 @@ def unavailable_reason() -> str | None:
 
 
 def describe() -> str:
-    """Which top-k the fast path takes on CPU here, for benchmark reports."""
-    return f"compiled kernel ({_extension_name()})" if load() is not None else f"torch.topk ({unavailable_reason()})"
+    """Which kernels the fast path takes on CPU here, for benchmark reports."""
+    if load() is not None:
+        return f"compiled kernels ({_extension_name()}: top-k, fused decode, latent plan)"
+    return f"torch ops ({unavailable_reason()})"
 
 
 def for_tensor(tensor: Tensor):
@@ -131,4 +135,4 @@ def main() -> None:
     if not torch.equal(module.topk_last_dim(scores, 32)[1], reference):
         raise SystemExit("saes.kernels: the compiled top-k disagrees with the reference order; set SAEWB_KERNELS=0 "
                          "and report this machine's compiler.")
-    print(f"saes.kernels: top-k kernel ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")
+    print(f"saes.kernels: kernels ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")

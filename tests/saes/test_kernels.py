@@ -1,5 +1,6 @@
-"""The compiled top-k kernel (saes/kernels) returns exactly the order of a stable descending sort: the k largest,
-largest first, equal scores by index, NaN first; and the fast path that uses it still equals the dense path."""
+"""The compiled CPU kernels (saes/kernels): the top-k returns exactly the order of a stable descending sort (the k
+largest, largest first, equal scores by index, NaN first); the fused decode and the latent plan equal their
+definitions; and the fast path that uses them still equals the dense path."""
 import importlib.util
 import os
 import shutil
