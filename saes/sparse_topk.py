@@ -321,9 +321,11 @@ class _DecodeError(torch.autograd.Function):
 
 def decode_error(values: Tensor, W_dec: Tensor, selection: Selection, target: Tensor, b_dec: Tensor | None = None,
                  center: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`squared_error(target, sparse_decode(values, W_dec, selection), b_dec)` in one fused op, and FVU's
-    denominator: (Σ_tokens ||r||², r [B, d] detached, Σ_tokens ||target - center||² detached, 0 without center)
-    with r = target - Σ_i z_i d_i. values shaped like selection.indices; target [B, d]."""
+    """The squared error of the sparse decode, and FVU's denominator, in one fused op: (Σ_tokens ||r||², r [B, d]
+    detached, Σ_tokens ||target - center||² detached, 0 without center) with r = target - Σ_i z_i d_i.
+
+    values shaped like selection.indices; target [B, d]: s·x - b_dec (b_dec detached) for the main reconstruction,
+    whose b_dec then gets the gradient of x̂ = decoded + b_dec here, or AuxK's residual (b_dec None)."""
     return _DecodeError.apply(values, W_dec, target, b_dec, selection, center)
 
 

@@ -128,7 +128,7 @@ def main() -> None:
     started = time.perf_counter()
     module = load(verbose=False)
     if module is None:
-        print(f"saes.kernels: not built ({unavailable_reason()}); training uses torch.topk.")
+        print(f"saes.kernels: not built ({unavailable_reason()}); training uses torch ops.")
         return
     scores = torch.randn(512, 2304, generator=torch.Generator().manual_seed(0))
     reference = scores.sort(dim=-1, descending=True, stable=True).indices[:, :32]
