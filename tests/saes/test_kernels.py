@@ -72,7 +72,12 @@ def test_nan_ranks_first_and_minus_infinity_last(kernel):
     keep = torch.zeros(2304, dtype=torch.bool)
     keep[torch.randperm(2304, generator=generator)[:10]] = True
     masked[:, ~keep] = float("-inf")
-    for s in (scores, masked):
+    # one NaN per row, at every residue of the vectorised NaN check, and in the tail of a 2,305-wide row
+    single = torch.randn(9, 2305, generator=generator)
+    for row in range(8):
+        single[row, 8 * (row + 3) + row] = float("nan")
+    single[8, 2304] = float("nan")
+    for s in (scores, masked, single):
         assert torch.equal(kernel.topk_last_dim(s, 32)[1], reference(s, 32))
 
 
