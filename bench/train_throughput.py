@@ -401,7 +401,7 @@ def main() -> None:
         summary["default_topk_over_sparsify"] = {
             "by_fraction_of_floor": round(fraction["topk"] / fraction["sparsify"], 2),
             "by_best_step": round(min(steps["sparsify"]) / min(steps["topk"]), 2)}
-    if "topk" in trainers:  # what training/run.py's loop adds per step today: histograms from dense codes
+    if "topk" in trainers:  # the CLI loop's histograms: from the sparse record, not from dense codes (as it once did)
         record = trainers["topk"].train_step({"x": data[0]})["sae"]
 
         def dense_histograms():
@@ -412,7 +412,7 @@ def main() -> None:
             return record.__missing__("_fired"), record.__missing__("_l0")
 
         summary["cli_loop_histograms_ms_per_step"] = {
-            "dense codes (training/run.py now)": round(1e3 * statistics.median(
+            "from dense codes (how training/run.py once did it)": round(1e3 * statistics.median(
                 time_steps(dense_histograms, 3, device) for _ in range(args.rounds)), 1),
             "record _fired / _l0 (sparse)": round(1e3 * statistics.median(
                 time_steps(sparse_histograms, 3, device) for _ in range(args.rounds)), 2)}

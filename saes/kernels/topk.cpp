@@ -27,8 +27,6 @@ struct Scratch {
 template <typename T>
 inline T rank_key(T v) { return std::isnan(v) ? std::numeric_limits<T>::infinity() : v; }
 
-// Writes the k best of the c candidates (value, index), best first. Few candidates: each one's rank is counted
-// without branches (c² comparisons); many: nth_element then a sort of the k.
 // Candidate arrays carry this many slots past their end, so the counting loop below can read whole vectors.
 constexpr int64_t kPad = 8;
 
@@ -52,6 +50,8 @@ inline int32_t count_greater(const float* value, int64_t c, float v) {  // 8 com
 }
 #endif
 
+// Writes the k best of the c candidates (value, index), best first. Few candidates: each one's rank is counted
+// without branches (c² comparisons); many: nth_element then a sort of the k.
 // value must have kPad writable slots after c.
 template <typename T>
 void write_best(T* value, const int32_t* index, int64_t c, int64_t k, const T* row, T* out_v, int64_t* out_i) {
