@@ -24,9 +24,6 @@ struct Scratch {
   std::vector<T> level2_value;
 };
 
-template <typename T>
-inline T rank_key(T v) { return std::isnan(v) ? std::numeric_limits<T>::infinity() : v; }
-
 // Candidate arrays carry this many slots past their end, so the counting loop below can read whole vectors.
 constexpr int64_t kPad = 8;
 
@@ -96,16 +93,23 @@ void write_best(T* value, const int32_t* index, int64_t c, int64_t k, const T* r
   }
 }
 
-// Every element is a candidate (small rows, rows with NaN).
+// Every element is a candidate (small rows, rows with NaN): nth_element and a sort of the k, with NaN above
+// everything (as torch.sort), NaNs among themselves and equal values by index.
 template <typename T>
 void topk_all(const T* s, int64_t n, int64_t k, T* out_v, int64_t* out_i, Scratch<T>& w) {
-  w.cand_value.resize(n + kPad);
   w.cand_index.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    w.cand_value[i] = rank_key(s[i]);
-    w.cand_index[i] = static_cast<int32_t>(i);
+  for (int64_t i = 0; i < n; ++i) w.cand_index[i] = static_cast<int32_t>(i);
+  auto better = [s](int32_t a, int32_t b) {
+    const bool nan_a = std::isnan(s[a]), nan_b = std::isnan(s[b]);
+    if (nan_a || nan_b) return nan_a && (!nan_b || a < b);
+    return s[a] > s[b] || (s[a] == s[b] && a < b);
+  };
+  std::nth_element(w.cand_index.begin(), w.cand_index.begin() + (k - 1), w.cand_index.end(), better);
+  std::sort(w.cand_index.begin(), w.cand_index.begin() + k, better);
+  for (int64_t j = 0; j < k; ++j) {
+    out_v[j] = s[w.cand_index[j]];
+    out_i[j] = w.cand_index[j];
   }
-  write_best(w.cand_value.data(), w.cand_index.data(), n, k, s, out_v, out_i);
 }
 
 // Two levels of strided blocks of 8: block j of level 1 holds elements j + t·b1 (t < 8), block j of level 2 the

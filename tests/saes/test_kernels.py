@@ -77,7 +77,11 @@ def test_nan_ranks_first_and_minus_infinity_last(kernel):
     for row in range(8):
         single[row, 8 * (row + 3) + row] = float("nan")
     single[8, 2304] = float("nan")
-    for s in (scores, masked, single):
+    # NaN ranks above +inf even when the +inf comes first, in a two-level row and in a small one
+    with_inf = torch.randn(2, 2304, generator=generator)
+    with_inf[:, 3], with_inf[:, 10], with_inf[1, 700] = float("inf"), float("nan"), float("inf")
+    small = with_inf[:, :96].clone()
+    for s in (scores, masked, single, with_inf, small):
         assert torch.equal(kernel.topk_last_dim(s, 32)[1], reference(s, 32))
 
 
@@ -177,6 +181,17 @@ def test_latent_plan_is_a_stable_sort_by_latent(kernel, flat):
     assert torch.equal(offsets, torch.searchsorted(latents, torch.arange(400)))
     with pytest.raises(RuntimeError, match="outside"):
         kernel.latent_plan(torch.tensor([0, 400]), 400)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_selection_plan_is_the_same_with_and_without_the_kernel(kernel, flat, monkeypatch):
+    compiled = random_selection(50, 400, 9, flat, torch.Generator().manual_seed(7))
+    compiled_plan = compiled.plan()  # computed now, with the kernel
+    monkeypatch.setattr(kernels, "load", lambda verbose=False: None)
+    plain = random_selection(50, 400, 9, flat, torch.Generator().manual_seed(7))
+    assert torch.equal(compiled.indices, plain.indices)
+    for field in ("order", "tokens", "offsets"):
+        assert torch.equal(getattr(compiled_plan, field), getattr(plain.plan(), field)), field
 
 
 @pytest.mark.parametrize("flat", [False, True])
