@@ -1,0 +1,105 @@
+"""The compiled CPU kernels of the fast training path (saes/kernels) against the torch ops they replace, in one run,
+at the training benchmark's shape (batch 4096, d_in 576, d_sae 2304, k 32, fp32, 2 threads):
+
+  top-k        - `topk_last_dim` vs torch.topk(sorted=True) on [batch, d_sae] pre-activations;
+  decode_error - the fused decode, squared error and FVU denominator, forward + backward, vs the same autograd
+                 Function on its torch path (embedding_bag decode, norms, per-pair dots in the backward);
+  latent plan  - the counting sort of the selected pairs by latent vs the stable torch sort + searchsorted.
+
+Each pair runs interleaved over --rounds rounds (so load affects both alike); reported: best and median ms of each,
+and the median of the per-round ratios.
+
+    python -m bench.kernels [--rounds 15] [--out bench/results/kernels_cpu.json]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.machine import describe_machine
+from saes import kernels
+from saes import sparse_topk as fast
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(compiled, plain, rounds: int) -> dict:
+    compiled(), plain()  # warm-up
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(timed(compiled))
+        b.append(timed(plain))
+    return {"compiled_ms": {"best": round(1e3 * min(a), 2), "median": round(1e3 * statistics.median(a), 2)},
+            "torch_ms": {"best": round(1e3 * min(b), 2), "median": round(1e3 * statistics.median(b), 2)},
+            "speedup_median_of_rounds": round(statistics.median(y / x for x, y in zip(a, b)), 2)}
+
+
+def without_kernels(fn):
+    """fn with every kernel lookup answering None (the torch path)."""
+    def run():
+        saved_for, saved_load = kernels.for_tensor, kernels.load
+        kernels.for_tensor, kernels.load = (lambda tensor: None), (lambda verbose=False: None)
+        try:
+            return fn()
+        finally:
+            kernels.for_tensor, kernels.load = saved_for, saved_load
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels_cpu.json"))
+    args = parser.parse_args()
+    module = kernels.load()
+    if module is None:
+        raise SystemExit(f"bench.kernels: the compiled kernels are not built ({kernels.unavailable_reason()}); "
+                         "run `python -m saes.kernels` first.")
+    torch.set_num_threads(args.threads)
+    batch, d_in, d_sae, k = 4096, 576, 2304, 32
+    generator = torch.Generator().manual_seed(0)
+    pre_acts = torch.randn(batch, d_sae, generator=generator)
+    W_dec = torch.randn(d_sae, d_in, generator=generator) / d_in**0.5
+    target = torch.randn(batch, d_in, generator=generator)
+    selection = fast.Selection.topk(pre_acts, k)
+    values = selection.gather(pre_acts).relu()
+    load_before = os.getloadavg()
+
+    def error_step():
+        v, w = values.clone().requires_grad_(), W_dec.clone().requires_grad_()
+        fresh = fast.Selection.per_token(selection.indices, d_sae)  # no plan cached between calls
+        sq, _, _ = fast.decode_error(v, w, fresh, target, center=target.mean(0))
+        sq.backward()
+
+    def plan(selection_cls=fast.Selection):
+        return selection_cls.per_token(selection.indices, d_sae).plan()
+
+    results = {
+        "top-k": compare(lambda: module.topk_last_dim(pre_acts, k),
+                         lambda: pre_acts.topk(k, dim=-1, sorted=True), args.rounds),
+        "decode_error forward + backward": compare(error_step, without_kernels(error_step), args.rounds),
+        "latent plan": compare(plan, without_kernels(plan), args.rounds),
+    }
+    report = {"benchmark": "kernels", "shape": dict(batch=batch, d_in=d_in, d_sae=d_sae, k=k, dtype="float32"),
+              "threads": torch.get_num_threads(), "rounds": args.rounds, "kernels": kernels.describe(),
+              "results": results, "note": "decode_error includes its backward (W_dec's gradient is the same embedding_bag "
+              "in both arms, on each arm's plan); each torch arm is the same code with the kernels switched off",
+              "load_average": {"before": [round(v, 2) for v in load_before],
+                               "after": [round(v, 2) for v in os.getloadavg()]},
+              "machine": describe_machine("cpu")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
