@@ -3,8 +3,8 @@
 * `topk_indices`: the per-token top-k selection of the TopK family. torch.topk copies every row into (value, index)
   pairs and partial-sorts them: it took about 11 % of the default TopK step here. topk.cpp finds a lower bound of
   each row's k-th largest value from two passes of block maxima and ranks only the elements above it
-  (`python -m bench.kernels` times it against torch.topk). Its order is that of a stable descending sort (largest
-  first; equal values: the smaller index first; NaN first; torch.topk leaves ties unspecified).
+  (`python -m bench.cpu_kernels` times it against torch.topk). Its order is that of a stable descending sort
+  (largest first; equal values: the smaller index first; NaN first; torch.topk leaves ties unspecified).
 * `decode_residual` and `latent_plan` (sparse_ops.cpp), used by saes/sparse_topk.py: the sparse decode fused with
   its residual, squared error and the dots its backward needs; the entries sorted by latent by a counting sort.
 
@@ -111,8 +111,8 @@ def for_tensor(tensor: Tensor):
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
-    NaN above +inf, as torch.sort). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU float32/float64,
-    torch.topk otherwise (whose order among exactly equal scores is unspecified)."""
+    NaN above +inf, as torch.sort). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU
+    float32/float64, torch.topk otherwise (whose order among exactly equal scores is unspecified)."""
     if scores.dim() == 2 and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0:
         module = for_tensor(scores)
         if module is not None:

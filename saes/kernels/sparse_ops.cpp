@@ -115,7 +115,7 @@ inline bool decode_token_blocked<float>(const float* x, const float* const* rows
 
 // Per token b with entries e in [offsets[b], offsets[b+1]) (the last token ends at N):
 //   residual[b] = target[b] - Σ_e values[e] · weight[indices[e]]          [B, d]
-//   dots[e]     = <residual[b], weight[indices[e]]>                     [N]  (the decode backward's value gradient / -2)
+//   dots[e]     = <residual[b], weight[indices[e]]>                     [N]  (value gradient / -2 in the backward)
 //   sq[b]       = ||residual[b]||²                                        [B]
 //   centered[b] = ||target[b] - center||² when center is given, else 0    [B]  (FVU's denominator)
 // The weight rows a token reads are reused for its dots while they are still in cache; float32 rows whose width is a

@@ -138,7 +138,8 @@ void topk_row(const T* s, int64_t n, int64_t k, T* out_v, int64_t* out_i, Scratc
   int64_t j8 = 0;
   for (; j8 + 8 <= b1; j8 += 8)
     for (int l = 0; l < 8; ++l) partial[l] += sum[j8 + l];
-  T total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  T total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+            ((partial[4] + partial[5]) + (partial[6] + partial[7]));
   for (; j8 < b1; ++j8) total += sum[j8];
   for (int64_t i = S * b1; i < n; ++i) total += s[i];
   if (std::isnan(total)) return topk_all(s, n, k, out_v, out_i, w);  // NaN (or inf - inf): the exact slow path

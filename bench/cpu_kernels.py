@@ -9,7 +9,10 @@ at the training benchmark's shape (batch 4096, d_in 576, d_sae 2304, k 32, fp32,
 Each pair runs interleaved over --rounds rounds (so load affects both alike); reported: best and median ms of each,
 and the median of the per-round ratios.
 
-    python -m bench.kernels [--rounds 15] [--out bench/results/kernels_cpu.json]
+    python -m bench.cpu_kernels [--rounds 15] [--out bench/results/cpu_kernels.json]
+
+Not named bench/kernels.py: bench/peers.py, run as a script, puts this folder on sys.path, where a kernels.py would
+shadow the `kernels` package that transformers probes for and break sparsify's import.
 """
 import argparse
 import json
@@ -58,11 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels_cpu.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_kernels.json"))
     args = parser.parse_args()
     module = kernels.load()
     if module is None:
-        raise SystemExit(f"bench.kernels: the compiled kernels are not built ({kernels.unavailable_reason()}); "
+        raise SystemExit(f"bench.cpu_kernels: the compiled kernels are not built ({kernels.unavailable_reason()}); "
                          "run `python -m saes.kernels` first.")
     torch.set_num_threads(args.threads)
     batch, d_in, d_sae, k = 4096, 576, 2304, 32
@@ -89,10 +92,11 @@ def main() -> None:
         "decode_error forward + backward": compare(error_step, without_kernels(error_step), args.rounds),
         "latent plan": compare(plan, without_kernels(plan), args.rounds),
     }
-    report = {"benchmark": "kernels", "shape": dict(batch=batch, d_in=d_in, d_sae=d_sae, k=k, dtype="float32"),
+    report = {"benchmark": "cpu_kernels", "shape": dict(batch=batch, d_in=d_in, d_sae=d_sae, k=k, dtype="float32"),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "kernels": kernels.describe(),
-              "results": results, "note": "decode_error includes its backward (W_dec's gradient is the same embedding_bag "
-              "in both arms, on each arm's plan); each torch arm is the same code with the kernels switched off",
+              "results": results,
+              "note": "decode_error includes its backward (W_dec's gradient is the same embedding_bag in both arms, "
+                      "on each arm's plan); each torch arm is the same code with the kernels switched off",
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},
               "machine": describe_machine("cpu")}
