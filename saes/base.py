@@ -159,6 +159,8 @@ class SAE(nn.Module):
     """False for inference-only classes that exist to load other libraries' SAEs (e.g. gated)."""
     tied: ClassVar[bool] = False
     """True when the encoder is the dictionary itself (MP-SAE, §7.1): no W_enc/b_enc parameters exist or are saved."""
+    pre_acts_buffer: "fast.PreActsBuffer | None" = None
+    """Where the fast path writes its pre-activations; lent by the trainer for one forward (saes/sparse_topk.py)."""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = 0):
         super().__init__()
@@ -292,7 +294,8 @@ class SAE(nn.Module):
         """`forward` through saes/sparse_topk.py: the same selection, values, losses and gradients as the dense path,
         with the encoder backward and the decode touching only the selected latents."""
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
-        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc,
+                                                     self.pre_acts_buffer)
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
         values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,
                                       relu=not self.signed)

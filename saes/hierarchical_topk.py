@@ -202,7 +202,8 @@ class HierarchicalTopKSAE(SAE):
         self._check_trainable()
         x_scaled = x.to(self.W_enc.dtype) * self.input_scale
         if self.fast_path:
-            x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+            x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc,
+                                                         self.pre_acts_buffer)
             selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
             indices = selection.indices
             values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection,

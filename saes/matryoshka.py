@@ -157,7 +157,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return fast.Selection(selection.indices, selection.d_sae, tokens=bags, offsets=offsets)
 
     def _nested_fast_forward(self, x_scaled: Tensor, dead_mask: Tensor | None, grad: Tensor | None) -> SAEOutput:
-        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc)
+        x_centered, pre_acts = fast.encoder_pre_acts(x_scaled, self.b_dec, self.W_enc, self.b_enc,
+                                                     self.pre_acts_buffer)
         selection = self.select_sparse(pre_acts, x_scaled=x_scaled, grad=grad)
         values = fast.gather_pre_acts(pre_acts, x_centered, self.b_dec, self.W_enc, self.b_enc, selection).relu()
         batch, groups = x_scaled.shape[0], len(self.cfg.sizes)

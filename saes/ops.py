@@ -10,12 +10,12 @@ from saes import kernels
 
 def topk_codes(pre_acts: Tensor, k: int) -> Tensor:
     """Dense codes keeping the k largest pre-activations per token, ReLU'd (§2.1). The same selection as the fast
-    path's (`kernels.topk_indices`: the compiled kernel on CPU, equal scores by the smaller index).
+    path's (`kernels.topk`: the compiled kernel on CPU, equal scores by the smaller index).
 
     pre_acts: [batch, d_sae] -> codes [batch, d_sae] with at most k non-zeros per row.
     """
     flat = pre_acts.reshape(-1, pre_acts.shape[-1])
-    indices = kernels.topk_indices(flat, k).reshape(*pre_acts.shape[:-1], k)  # [batch, k]
+    indices = kernels.topk(flat.detach(), k)[1].reshape(*pre_acts.shape[:-1], k)  # [batch, k]
     return torch.zeros_like(pre_acts).scatter(-1, indices, pre_acts.gather(-1, indices).relu())
 
 

@@ -19,6 +19,7 @@ The selection rule of every variant is unchanged: it picks indices from the deta
 dense `select` does. The dense path (`kernel="dense"`) is the reference; tests/saes/test_fast_path.py checks that
 values and the gradients of every parameter agree in float64.
 """
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class Selection:
     def __init__(self, indices: Tensor, d_sae: int, *, tokens: Tensor | None = None, offsets: Tensor | None = None):
         self.indices, self.d_sae, self.tokens, self.offsets = indices, d_sae, tokens, offsets
         self._plan: LatentPlan | None = None
+        self._selected_from: tuple | None = None  # (weakref to the scores, their version, their values here)
 
     @classmethod
     def per_token(cls, indices: Tensor, d_sae: int) -> "Selection":
@@ -90,8 +92,12 @@ class Selection:
     def topk(cls, scores: Tensor, k: int) -> "Selection":
         """The k largest scores of each token, largest first: a fixed order, so variants that select the same
         latents sum them in the same order. On CPU the compiled kernel of saes/kernels (equal scores: the smaller
-        index first), else torch.topk. scores: [B, n]."""
-        return cls(kernels.topk_indices(scores, k), scores.shape[-1])
+        index first), else torch.topk. scores: [B, n]. The first `gather` from the same, unchanged scores returns
+        the values the top-k read, instead of gathering them again."""
+        values, indices = kernels.topk(scores.detach(), k)
+        selection = cls(indices, scores.shape[-1])
+        selection._selected_from = (weakref.ref(scores), scores._version, values)
+        return selection
 
     @classmethod
     def batch_topk(cls, scores: Tensor, n_keep: int) -> "Selection":
@@ -157,6 +163,12 @@ class Selection:
 
     def gather(self, dense: Tensor) -> Tensor:
         """dense [B, d_sae] at the selected pairs -> shaped like `indices`."""
+        if self._selected_from is not None:  # the top-k's own values, once, if dense is (a detached alias of) its
+            source, version, values = self._selected_from  # scores, unchanged since: same memory, view, version
+            self._selected_from = None
+            scores = source()
+            if scores is not None and _same_view(scores, dense) and dense._version == version:
+                return values
         with serial(self.device):
             if self.flat:
                 return dense[self.tokens, self.indices]
@@ -202,6 +214,12 @@ class Selection:
             dense = values.new_zeros(self.batch * self.d_sae)
             return dense.index_put((self.tokens * self.d_sae + self.indices,), values).view(self.batch, self.d_sae)
         return values.new_zeros(self.batch, self.d_sae).scatter(-1, self.indices, values)
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """a and b read the same elements of the same memory (b may be a.detach())."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
 
 
 def _sort_keys(keys: Tensor, bound: int) -> Tensor:
@@ -276,7 +294,7 @@ class _SparseDecode(torch.autograd.Function):
 class _DecodeError(torch.autograd.Function):
     """(Σ_tokens ||r||², r, Σ_tokens ||target - center||²) with r = target - Σ_i z_i d_i: the sparse decode and its
     squared error in one pass per token (on CPU, the compiled `decode_residual`, which also computes the dots
-    <r, d_i> the backward needs while the decoder rows are in cache). b_dec (or None) only receives the gradient
+    <r, d_i> the backward needs while the decoder rows are in cache, and Σ_tokens r for b_dec's). b_dec (or None) only receives the gradient
     of x̂ = decoded + b_dec: target = s·x - b_dec already holds it, detached."""
 
     @staticmethod
@@ -284,25 +302,25 @@ class _DecodeError(torch.autograd.Function):
                 center: Tensor | None):
         module = kernels.for_tensor(W_dec)
         if module is not None:
-            residual, dots, per_token, centered = module.decode_residual(
+            residual, dots, per_token, centered, residual_sum = module.decode_residual(
                 values.detach(), W_dec.detach(), selection.indices, selection.bag_offsets(), target.detach(),
                 None if center is None else center.detach())
             sq_error, total = per_token.sum(), centered.sum()
         else:
             residual = target.detach() - selection.bag_sum(W_dec.detach(), values.detach())
-            dots = None  # computed in the backward
+            dots = residual_sum = None  # computed in the backward
             sq_error = torch.linalg.vector_norm(residual).square()
             total = (residual.new_zeros(()) if center is None
                      else torch.linalg.vector_norm(target.detach() - center.detach()).square())
         ctx.selection = selection
-        ctx.save_for_backward(values, W_dec, residual, dots)
+        ctx.save_for_backward(values, W_dec, residual, dots, residual_sum)
         ctx.mark_non_differentiable(residual, total)
         ctx.set_materialize_grads(False)  # no [B, d] zero gradient for the residual, which never has one
         return sq_error, residual, total
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, _grad_residual, _grad_total):
-        values, W_dec, residual, dots = ctx.saved_tensors
+        values, W_dec, residual, dots, residual_sum = ctx.saved_tensors
         selection: Selection = ctx.selection
         needs = ctx.needs_input_grad
         if grad is None:
@@ -318,7 +336,7 @@ class _DecodeError(torch.autograd.Function):
         if needs[2]:
             grad_target = residual * -scale
         if needs[3]:
-            grad_b_dec = residual.sum(0) * scale
+            grad_b_dec = (residual.sum(0) if residual_sum is None else residual_sum) * scale
         return grad_values, grad_W, grad_target, grad_b_dec, None, None
 
 
@@ -345,13 +363,52 @@ def sparse_decode(values: Tensor, W_dec: Tensor, selection: Selection) -> Tensor
     return _SparseDecode.apply(values, W_dec, selection)
 
 
-def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
+class PreActsBuffer:
+    """One [B, n] tensor that the fast path's encoder forward writes into at every training step, on CPU.
+
+    A fresh tensor that large (38 MB at B=4096, n=2304) comes from mmap and page-faults on its first write at every
+    step; reusing one saves that (`python -m bench.train_throughput` measures the step). The trainer lends one to each
+    SAE for the forward only (`lend_pre_acts_buffer`) and drops `pre_acts` right after it, so nothing reads the
+    buffer once the next step has overwritten it."""
+
+    def __init__(self):
+        self.tensor: Tensor | None = None
+
+    def get(self, x_centered: Tensor, n: int) -> Tensor | None:
+        """The buffer shaped [B, n] like x_centered's dtype, or None where it would not help (CUDA's caching
+        allocator already reuses memory; autocast picks its own output dtype)."""
+        if x_centered.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return None
+        shape = (x_centered.shape[0], n)
+        if self.tensor is None or self.tensor.shape != shape or self.tensor.dtype != x_centered.dtype:
+            self.tensor = None  # free the old one before allocating its successor
+            self.tensor = x_centered.new_empty(shape)
+        return self.tensor
+
+
+@contextmanager
+def lend_pre_acts_buffer(sae, buffer: PreActsBuffer):
+    """Within the block, `sae`'s fast-path forward writes its pre-activations into `buffer`."""
+    sae.pre_acts_buffer = buffer
+    try:
+        yield
+    finally:
+        sae.pre_acts_buffer = None
+
+
+def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
+                     buffer: PreActsBuffer | None = None) -> tuple[Tensor, Tensor]:
     """(x_centered, u): the dense encoder forward without autograd (its backward is `gather_pre_acts`'s).
 
-    x_centered = s·x - b_dec keeps x's autograd history (b_dec detached); u [B, n] is detached."""
+    x_centered = s·x - b_dec keeps x's autograd history (b_dec detached); u [B, n] is detached, written into
+    `buffer` when one is given (and fits this device)."""
     x_centered = x_scaled - b_dec.detach()
     with torch.no_grad():
-        pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)
+        out = None if buffer is None else buffer.get(x_centered, W_enc.shape[0])
+        if out is None:
+            pre_acts = torch.addmm(b_enc, x_centered, W_enc.T)
+        else:
+            pre_acts = torch.addmm(b_enc, x_centered, W_enc.T, out=out)
     return x_centered, pre_acts
 
 

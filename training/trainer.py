@@ -15,6 +15,7 @@ naming the first such step, so a checkpoint never holds weights that saw it.
 Batch-dependent variants get their inference threshold calibrated on training batches once training ends (§3.1).
 All state needed for a bit-identical resume is in `state_dict()`.
 """
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -207,9 +208,17 @@ class SAEState:
         module = dist.wrap(sae)  # DDP when distributed: bucketed gradient all-reduce overlapped with backward
         self.bucketed = module is not sae
         self.forward = torch.compile(module) if cfg.compile else module
+        self.pre_acts_buffer = None if cfg.compile else fast.PreActsBuffer()  # reused by each step's forward
         self.seconds = 0.0  # time spent in this SAE's steps (its share of a multi-SAE pass)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def lend_buffer(self):
+        """The fast path's pre-activations go into this SAE's reused buffer during the forward (the step drops
+        `pre_acts` right after it)."""
+        if self.pre_acts_buffer is None:
+            return contextlib.nullcontext()
+        return fast.lend_pre_acts_buffer(self.sae, self.pre_acts_buffer)
 
     def optimizer_step(self, loss: Tensor, grad_clip: float) -> Tensor:
         """Clip the global gradient norm and take the Adam step, skipping it when the loss or the norm is not
@@ -283,7 +292,7 @@ class Trainer:
             x, grad = as_pair(batch[state.hook])
             n_tokens = x.shape[0]
             self._schedule(state)
-            with self.autocast:
+            with self.autocast, state.lend_buffer():
                 out = state.forward(x, dead_mask=state.counter.dead_mask_if_any(), grad=grad)
             out.pre_acts = None  # the dense [batch, d_sae] pre-activations are not needed past the forward
             loss = out.loss.float()

@@ -1,6 +1,6 @@
 """Compiled CPU kernels of the fast training path, with torch ops as the fallback (docs/methods.md §2.1).
 
-* `topk_indices`: the per-token top-k selection of the TopK family. torch.topk copies every row into (value, index)
+* `topk`: the per-token top-k selection of the TopK family. torch.topk copies every row into (value, index)
   pairs and partial-sorts them: it took about 11 % of the default TopK step here. topk.cpp finds a lower bound of
   each row's k-th largest value from two passes of block maxima and ranks only the elements above it
   (`python -m bench.cpu_kernels` times it against torch.topk). Its order is that of a stable descending sort
@@ -109,15 +109,17 @@ def for_tensor(tensor: Tensor):
     return None
 
 
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller index first,
-    NaN above +inf, as torch.sort). scores: [rows, n]; indices carry no gradient. The compiled kernel on CPU
+def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) [rows, k] of the k largest scores of each row, largest first (equal scores: the smaller
+    index first, NaN above +inf, as torch.sort). scores: [rows, n]; no gradient. The compiled kernel on CPU
     float32/float64, torch.topk otherwise (whose order among exactly equal scores is unspecified)."""
     if scores.dim() == 2 and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0:
         module = for_tensor(scores)
         if module is not None:
-            return module.topk_last_dim(scores, k)[1]
-    return scores.topk(k, dim=-1, sorted=True).indices
+            values, indices = module.topk_last_dim(scores, k)
+            return values, indices
+    values, indices = scores.topk(k, dim=-1, sorted=True)
+    return values, indices
 
 
 def main() -> None:
@@ -138,11 +140,12 @@ def main() -> None:
     W, target = torch.randn(2304, 64), torch.randn(512, 64)  # the decode: r = target - Σ z_i d_i, <r, d_i>, ||r||²
     values = torch.rand(512, 32)
     codes = torch.zeros(512, 2304).scatter(-1, reference, values)
-    residual, dots, sq, _ = module.decode_residual(values, W, reference, torch.arange(0, 512 * 32, 32), target)
+    residual, dots, sq, _, residual_sum = module.decode_residual(values, W, reference, torch.arange(0, 512 * 32, 32), target)
     expected = target - codes @ W
     close = dict(atol=1e-4, rtol=1e-4)
     if not (torch.allclose(residual, expected, **close) and torch.allclose(sq, expected.pow(2).sum(-1), **close)
-            and torch.allclose(dots.view(512, 32), (expected[:, None] * W[reference]).sum(-1), **close)):
+            and torch.allclose(dots.view(512, 32), (expected[:, None] * W[reference]).sum(-1), **close)
+            and torch.allclose(residual_sum, expected.sum(0), atol=1e-3, rtol=1e-4)):
         raise SystemExit("saes.kernels: the compiled decode disagrees with its definition; set SAEWB_KERNELS=0 "
                          "and report this machine's compiler.")
     print(f"saes.kernels: kernels ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")

@@ -2,6 +2,7 @@
 // the dot products its backward needs, and the entries sorted by latent (a counting sort).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -28,13 +29,15 @@ inline T dot(const T* a, const T* b, int64_t d) {
 
 // One token, any type and width: r = x - Σ_e V[e] rows[e], then ||r||² and the dots <r, rows[e]>.
 template <typename T>
-void decode_token(const T* x, const T* const* rows, const T* V, int64_t count, int64_t d, T* r, T* sq, T* dots) {
+void decode_token(const T* x, const T* const* rows, const T* V, int64_t count, int64_t d, T* r, T* sq, T* dots,
+                  T* colsum) {
   for (int64_t i = 0; i < d; ++i) r[i] = x[i];
   for (int64_t e = 0; e < count; ++e) {
     if (e + 2 < count) __builtin_prefetch(rows[e + 2]);
     const T a = V[e];
     for (int64_t i = 0; i < d; ++i) r[i] -= a * rows[e][i];
   }
+  for (int64_t i = 0; i < d; ++i) colsum[i] += r[i];
   *sq = dot(r, r, d);
   for (int64_t e = 0; e < count; ++e) dots[e] = dot(r, rows[e], d);
 }
@@ -50,7 +53,7 @@ inline float hsum(__m256 v) {  // ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l
 // once instead of read and written per row.
 template <int NV>
 inline void decode_chunk(const float* x, const float* const* rows, const float* V, int64_t count, int64_t c, float* r,
-                         __m256& sq) {
+                         float* colsum, __m256& sq) {
   __m256 acc[NV];
   for (int l = 0; l < NV; ++l) acc[l] = _mm256_loadu_ps(x + c + 8 * l);
   for (int64_t e = 0; e < count; ++e) {
@@ -60,6 +63,7 @@ inline void decode_chunk(const float* x, const float* const* rows, const float* 
   }
   for (int l = 0; l < NV; ++l) {
     _mm256_storeu_ps(r + c + 8 * l, acc[l]);
+    _mm256_storeu_ps(colsum + c + 8 * l, _mm256_add_ps(_mm256_loadu_ps(colsum + c + 8 * l), acc[l]));
     sq = _mm256_fmadd_ps(acc[l], acc[l], sq);
   }
 }
@@ -68,25 +72,27 @@ inline void decode_chunk(const float* x, const float* const* rows, const float* 
 
 // The register-blocked decode_token where it applies (returns false elsewhere: decode_token then runs).
 template <typename T>
-inline bool decode_token_blocked(const T*, const T* const*, const T*, int64_t, int64_t, T*, T*, T*) { return false; }
+inline bool decode_token_blocked(const T*, const T* const*, const T*, int64_t, int64_t, T*, T*, T*, T*) {
+  return false;
+}
 
 #ifdef SAEWB_AVX2
 // float32 with d a multiple of 8: the same arithmetic as decode_token, register-blocked.
 template <>
 inline bool decode_token_blocked<float>(const float* x, const float* const* rows, const float* V, int64_t count,
-                                        int64_t d, float* r, float* sq, float* dots) {
+                                        int64_t d, float* r, float* sq, float* dots, float* colsum) {
   if (d % 8 != 0) return false;
   __m256 sq_acc = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c + 64 <= d; c += 64) decode_chunk<8>(x, rows, V, count, c, r, sq_acc);
+  for (; c + 64 <= d; c += 64) decode_chunk<8>(x, rows, V, count, c, r, colsum, sq_acc);
   switch ((d - c) / 8) {
-    case 7: decode_chunk<7>(x, rows, V, count, c, r, sq_acc); break;
-    case 6: decode_chunk<6>(x, rows, V, count, c, r, sq_acc); break;
-    case 5: decode_chunk<5>(x, rows, V, count, c, r, sq_acc); break;
-    case 4: decode_chunk<4>(x, rows, V, count, c, r, sq_acc); break;
-    case 3: decode_chunk<3>(x, rows, V, count, c, r, sq_acc); break;
-    case 2: decode_chunk<2>(x, rows, V, count, c, r, sq_acc); break;
-    case 1: decode_chunk<1>(x, rows, V, count, c, r, sq_acc); break;
+    case 7: decode_chunk<7>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 6: decode_chunk<6>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 5: decode_chunk<5>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 4: decode_chunk<4>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 3: decode_chunk<3>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 2: decode_chunk<2>(x, rows, V, count, c, r, colsum, sq_acc); break;
+    case 1: decode_chunk<1>(x, rows, V, count, c, r, colsum, sq_acc); break;
     default: break;
   }
   *sq = hsum(sq_acc);
@@ -118,8 +124,12 @@ inline bool decode_token_blocked<float>(const float* x, const float* const* rows
 //   dots[e]     = <residual[b], weight[indices[e]]>                     [N]  (value gradient / -2 in the backward)
 //   sq[b]       = ||residual[b]||²                                        [B]
 //   centered[b] = ||target[b] - center||² when center is given, else 0    [B]  (FVU's denominator)
+//   colsum      = Σ_b residual[b]                                         [d]  (b_dec's gradient / -2)
 // The weight rows a token reads are reused for its dots while they are still in cache; float32 rows whose width is a
-// multiple of 8 take the register-blocked AVX2 loop (when built with AVX2 and FMA), the rest the plain loop.
+// multiple of 8 take the register-blocked AVX2 loop (when built with AVX2 and FMA), the rest the plain loop. colsum
+// adds per block of kBlock tokens, then across blocks: the same sum for any number of threads.
+constexpr int64_t kBlock = 64;
+
 std::vector<torch::Tensor> decode_residual(const torch::Tensor& values, const torch::Tensor& weight,
                                            const torch::Tensor& indices, const torch::Tensor& offsets,
                                            const torch::Tensor& target, const c10::optional<torch::Tensor>& center) {
@@ -133,10 +143,12 @@ std::vector<torch::Tensor> decode_residual(const torch::Tensor& values, const to
   const auto ix = indices.to(torch::kLong).contiguous().reshape(-1);
   const auto off = offsets.to(torch::kLong).contiguous();
   const int64_t B = x.size(0), d = w.size(1), N = ix.numel();
+  const int64_t blocks = (B + kBlock - 1) / kBlock;
   auto residual = torch::empty({B, d}, w.options());
   auto dots = torch::empty({N}, w.options());
   auto sq = torch::empty({B}, w.options());
   auto centered = torch::zeros({B}, w.options());
+  auto block_sums = torch::zeros({blocks, d}, w.options());
   torch::Tensor mu;
   if (center.has_value()) mu = center->to(w.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "decode_residual", [&] {
@@ -150,24 +162,29 @@ std::vector<torch::Tensor> decode_residual(const torch::Tensor& values, const to
     scalar_t* D = dots.data_ptr<scalar_t>();
     scalar_t* S = sq.data_ptr<scalar_t>();
     scalar_t* C = centered.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    scalar_t* G = block_sums.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
       std::vector<scalar_t> shifted(M ? d : 0);
       std::vector<const scalar_t*> rows;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t first = O[b], count = (b + 1 < B ? O[b + 1] : N) - first;
-        rows.resize(count);
-        for (int64_t e = 0; e < count; ++e) rows[e] = W + I[first + e] * d;
-        const scalar_t* xb = X + b * d;
-        if (!saewb_sparse::decode_token_blocked(xb, rows.data(), V + first, count, d, R + b * d, S + b, D + first))
-          saewb_sparse::decode_token(xb, rows.data(), V + first, count, d, R + b * d, S + b, D + first);
-        if (M) {
-          for (int64_t i = 0; i < d; ++i) shifted[i] = xb[i] - M[i];
-          C[b] = saewb_sparse::dot(shifted.data(), shifted.data(), d);
+      for (int64_t k = k0; k < k1; ++k) {
+        scalar_t* colsum = G + k * d;
+        for (int64_t b = k * kBlock; b < std::min(B, (k + 1) * kBlock); ++b) {
+          const int64_t first = O[b], count = (b + 1 < B ? O[b + 1] : N) - first;
+          rows.resize(count);
+          for (int64_t e = 0; e < count; ++e) rows[e] = W + I[first + e] * d;
+          const scalar_t* xb = X + b * d;
+          if (!saewb_sparse::decode_token_blocked(xb, rows.data(), V + first, count, d, R + b * d, S + b, D + first,
+                                                  colsum))
+            saewb_sparse::decode_token(xb, rows.data(), V + first, count, d, R + b * d, S + b, D + first, colsum);
+          if (M) {
+            for (int64_t i = 0; i < d; ++i) shifted[i] = xb[i] - M[i];
+            C[b] = saewb_sparse::dot(shifted.data(), shifted.data(), d);
+          }
         }
       }
     });
   });
-  return {residual, dots, sq, centered};
+  return {residual, dots, sq, centered, block_sums.sum(0)};
 }
 
 // Entries sorted by latent, stably (a counting sort): order [N] (entry positions, latent-major; within a latent in

@@ -170,6 +170,31 @@ def test_selection_layouts_agree():
         torch.testing.assert_close(a, b)
 
 
+def test_gather_after_a_topk_reuses_its_values_only_from_the_same_unchanged_scores(monkeypatch):
+    """The first gather from the scores a top-k selected from (or a detached alias of them) returns the values the
+    top-k read; from scores changed in place since, or from another tensor, it gathers again."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 40, generator=generator)
+    reference = lambda dense, selection: dense.gather(-1, selection.indices)  # noqa: E731
+    reused = Selection.topk(scores, 5)
+    expected = reference(scores, reused)
+    with monkeypatch.context() as patch:  # no gather runs: the top-k's values are handed over
+        patch.setattr(torch.Tensor, "gather", lambda *a, **k: (_ for _ in ()).throw(AssertionError("gathered")))
+        handed = reused.gather(scores.detach())
+    assert torch.equal(handed, expected)
+    again = reused.gather(scores)  # a second gather is a real one: no tensor is handed out twice
+    assert torch.equal(again, expected) and again is not handed
+    changed = Selection.topk(scores, 5)
+    scores.mul_(-2)  # the same memory, another version
+    assert torch.equal(changed.gather(scores), reference(scores, changed))
+    other = Selection.topk(scores, 5)
+    copy = scores.clone().add_(1)
+    assert torch.equal(other.gather(copy), reference(copy, other))
+    strided = scores[:, ::2]  # a view at the same address and of the same shape as scores[:, :20], other strides
+    view = Selection.topk(strided, 5)
+    assert torch.equal(view.gather(scores[:, :20]), reference(scores[:, :20], view))
+
+
 def test_kernel_option_and_deprecated_sparse_kernel():
     assert build_sae("topk", d_in=8, d_sae=32, k=4).cfg.kernel == "sparse"
     assert build_sae("topk", d_in=8, d_sae=32, k=4, sparse_kernel=False).cfg.kernel == "dense"

@@ -48,7 +48,7 @@ def test_kernel_matches_a_stable_descending_sort(kernel, shape, dtype):
     expected = reference(scores, k)
     assert torch.equal(indices, expected)
     assert torch.equal(values, scores.gather(-1, expected))
-    assert torch.equal(kernels.topk_indices(scores, k), expected)
+    assert all(map(torch.equal, kernels.topk(scores, k), (values, indices)))
 
 
 def test_ties_go_to_the_smaller_index(kernel):
@@ -85,12 +85,12 @@ def test_nan_ranks_first_and_minus_infinity_last(kernel):
         assert torch.equal(kernel.topk_last_dim(s, 32)[1], reference(s, 32))
 
 
-def test_topk_indices_falls_back_to_torch(monkeypatch):
+def test_topk_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("SAEWB_KERNELS", "0")
     scores = torch.randn(8, 300)
     assert kernels.load() is None and kernels.unavailable_reason() == "SAEWB_KERNELS=0"
-    assert torch.equal(kernels.topk_indices(scores, 4), scores.topk(4, dim=-1).indices)
+    assert all(map(torch.equal, kernels.topk(scores, 4), scores.topk(4, dim=-1)))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "abstopk", "hierarchical_topk"])
@@ -140,19 +140,21 @@ def random_selection(batch: int, d_sae: int, m: int, flat: bool, generator) -> S
 
 # d_in: the plain loop (45: not a multiple of 8, the dots' tail), and in float32 the register-blocked loop with a
 # short last chunk (72 = 64 + 8) and with whole chunks only (128)
+# batch: one block of tokens, and three with a short last one (the residual's column sums add per block of 64)
+@pytest.mark.parametrize("batch", [37, 150])
 @pytest.mark.parametrize("d_in", [45, 72, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("flat", [False, True])
-def test_decode_residual_matches_its_definition(kernel, flat, dtype, d_in):
+def test_decode_residual_matches_its_definition(kernel, flat, dtype, d_in, batch):
     generator = torch.Generator().manual_seed(3)
-    batch, d_sae = 37, 300
+    d_sae = 300
     selection = random_selection(batch, d_sae, 7, flat, generator)
     values = torch.randn(selection.indices.shape, generator=generator, dtype=dtype)
     W = torch.randn(d_sae, d_in, generator=generator, dtype=dtype)
     target = torch.randn(batch, d_in, generator=generator, dtype=dtype)
     center = torch.randn(d_in, generator=generator, dtype=dtype)
-    residual, dots, sq, centered = kernel.decode_residual(values, W, selection.indices, selection.bag_offsets(),
-                                                          target, center)
+    residual, dots, sq, centered, residual_sum = kernel.decode_residual(
+        values, W, selection.indices, selection.bag_offsets(), target, center)
     tokens, latents = selection.entry_tokens(), selection.indices.reshape(-1)
     codes = torch.zeros(batch, d_sae, dtype=dtype).index_put((tokens, latents), values.reshape(-1))
     wide = [t.double() for t in (codes, W, target, center)]  # the reference in float64
@@ -166,6 +168,7 @@ def test_decode_residual_matches_its_definition(kernel, flat, dtype, d_in):
     close(dots, (expected[tokens] * wide[1][latents]).sum(-1))
     close(sq, expected.pow(2).sum(-1))
     close(centered, (wide[2] - wide[3]).pow(2).sum(-1))
+    close(residual_sum, expected.sum(0))
     without = kernel.decode_residual(values, W, selection.indices, selection.bag_offsets(), target)
     assert torch.equal(without[0], residual) and not without[3].any()
 

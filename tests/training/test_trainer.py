@@ -214,6 +214,29 @@ def test_training_steps_read_nothing_back_from_the_device(architecture, fields, 
     assert all(isinstance(v, (int, float)) for v in to_host(records)[-1].values())
 
 
+@pytest.mark.parametrize("architecture, fields", [
+    ("topk", dict(k=4)), ("hierarchical_topk", dict(k_max=4)), ("matryoshka_batchtopk", dict(k=4, group_sizes=[16, 48]))])
+def test_reused_pre_activation_buffer_changes_no_weight(architecture, fields):
+    """The trainer lends each SAE one [batch, d_sae] buffer for its fast-path pre-activations: training with it is
+    bit-identical to fresh tensors, the buffer is reused while the batch size stays, and the SAE holds it only
+    during the forward."""
+    saes = [build_sae(architecture, d_in=8, d_sae=64, seed=1, **fields) for _ in range(2)]
+    trainers = [Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3, warmup_steps=1, dead_tokens=32), 20) for sae in saes]
+    trainers[1].states["a"].pre_acts_buffer = None  # the reference: a fresh tensor every step
+    buffer = trainers[0].states["a"].pre_acts_buffer
+    generator = torch.Generator().manual_seed(0)
+    addresses = []
+    for tokens in (16, 16, 12, 12, 16):  # AuxK from step 2 on; the buffer follows the batch size
+        x = torch.randn(tokens, 8, generator=generator)
+        for trainer in trainers:
+            trainer.train_step({"x": x})
+        assert buffer.tensor.shape == (tokens, 64) and saes[0].pre_acts_buffer is None
+        addresses.append(buffer.tensor.data_ptr())
+    assert addresses[0] == addresses[1] and addresses[2] == addresses[3]
+    for name, value in saes[1].state_dict().items():
+        assert torch.equal(saes[0].state_dict()[name], value), name
+
+
 def test_step_records_give_sparse_firings_and_per_token_l0():
     sae = build_sae("batchtopk", d_in=8, d_sae=32, k=3)
     trainer = Trainer({"a": (sae, "x")}, LoopConfig(lr=1e-3), 10)
