@@ -416,7 +416,7 @@ def train_sae(
         if on_step is not None:
             (record,) = to_host([record])
             on_step(record)
-        pending.append(record)
+        pending.append({k: v for k, v in record.items() if not k.startswith("_")})  # not the step's tensors
         if trainer.step % trainer.sync_every == 0:
             history.extend(to_host(pending))
             pending.clear()

@@ -2,6 +2,7 @@
 W&B offline run, JSONL metrics."""
 import dataclasses
 import json
+import weakref
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 from saes import build_sae, load_sae
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.run import TrainConfig, train
-from training.trainer import LoopConfig, NonFiniteLossError, Trainer
+from training.trainer import LoopConfig, NonFiniteLossError, Trainer, train_sae
 from training.wandb_offline import offline_runs, read_history
 
 HOOK = "blocks.1.hook_resid_post"
@@ -235,6 +236,25 @@ def test_reused_pre_activation_buffer_changes_no_weight(architecture, fields):
     assert addresses[0] == addresses[1] and addresses[2] == addresses[3]
     for name, value in saes[1].state_dict().items():
         assert torch.equal(saes[0].state_dict()[name], value), name
+
+
+def test_train_sae_keeps_no_step_output_between_reads(monkeypatch):
+    """Records wait for the next read (every sync_every steps) as device scalars: a step's output (codes, residual,
+    selection) is freed by the next step, not kept until the read."""
+    outputs = []
+    train_step = Trainer.train_step
+
+    def spy(self, batch):
+        assert all(output() is None for output in outputs[:-1]), "an earlier step's output is still alive"
+        records = train_step(self, batch)
+        outputs.append(weakref.ref(records["sae"]._out))
+        return records
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    generator = torch.Generator().manual_seed(0)
+    history = train_sae(build_sae("topk", d_in=8, d_sae=32, k=4), [torch.randn(16, 8, generator=generator)] * 6, 6,
+                        progress=False, sync_every=100)
+    assert len(outputs) == 6 and [row["step"] for row in history] == list(range(6))
 
 
 def test_step_records_give_sparse_firings_and_per_token_l0():
