@@ -413,22 +413,36 @@ def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tens
 
 
 def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
-              W_dec: Tensor, dead_mask: Tensor, k_aux: int, *, signed: bool = False) -> Tensor:
+              W_dec: Tensor, dead_mask: Tensor, k_aux: int, *, signed: bool = False,
+              dead_columns: bool | None = None) -> Tensor:
     """`ops.auxk_loss` on the fast path, equal in value and gradients, with no host sync (§1.5).
 
-    The k_aux = min(aux_k, n) largest scores among dead latents are chosen (non-dead ones scored -inf); entries that
-    are not dead (fewer than k_aux dead latents) are zeroed, which is the dense rule's k_aux = min(aux_k, n_dead);
-    with no dead latent at all the loss is multiplied by 0, so it is 0 with zero gradients. residual: s·x - x̂
-    [B, d] of the main reconstruction, a constant here.
+    The dense rule takes the k_aux = min(aux_k, n_dead) largest scores among the dead latents. With `dead_columns`
+    (default: on CPU) that is the top-k_aux of the dead columns, and with no dead latent the term is a constant 0.
+    Without (the default elsewhere: no host sync) the
+    min(aux_k, n) largest scores are chosen with non-dead latents scored -inf and non-dead entries zeroed (fewer
+    than k_aux dead latents); with no dead latent the loss is multiplied by 0, so it is 0 with zero gradients.
+    residual: s·x - x̂ [B, d] of the main reconstruction, a constant here.
     """
     batch, d_sae = pre_acts.shape
     k_aux = min(k_aux, d_sae)
+    valid = None
     with torch.no_grad():
         scores = pre_acts.abs() if signed else pre_acts
-        selection = Selection.topk(scores.masked_fill(~dead_mask, float("-inf")), k_aux)
-        with serial(pre_acts.device):
-            valid = dead_mask[selection.indices]  # [B, k_aux]
+        if dead_columns is None:
+            dead_columns = pre_acts.device.type == "cpu"  # where reading the mask waits for nothing
+        if dead_columns:  # rank the dead columns alone: no [B, n] masked copy
+            dead = dead_mask.nonzero().flatten()
+            if dead.numel() == 0:
+                return pre_acts.new_zeros(())  # no dead latent: no term to differentiate
+            chosen = Selection.topk(scores.index_select(1, dead), min(k_aux, dead.numel()))
+            selection = Selection(dead[chosen.indices], d_sae)  # [B, min(k_aux, n_dead)], largest first
+        else:  # no [B, n] copy of the dead columns' shape without a sync: mask the others instead
+            selection = Selection.topk(scores.masked_fill(~dead_mask, float("-inf")), k_aux)
+            with serial(pre_acts.device):
+                valid = dead_mask[selection.indices]  # [B, k_aux]
     values = gather_pre_acts(pre_acts, x_centered, b_dec, W_enc, b_enc, selection, relu=not signed, keep=valid)
     residual = residual.detach()  # the target of the dead latents' decode [B, d_in]
     numerator, _, denominator = decode_error(values, W_dec, selection, residual, center=residual.mean(0))
-    return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0) * dead_mask.any()
+    loss = torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0)
+    return loss if valid is None else loss * dead_mask.any()
