@@ -294,8 +294,8 @@ class _SparseDecode(torch.autograd.Function):
 class _DecodeError(torch.autograd.Function):
     """(Σ_tokens ||r||², r, Σ_tokens ||target - center||²) with r = target - Σ_i z_i d_i: the sparse decode and its
     squared error in one pass per token (on CPU, the compiled `decode_residual`, which also computes the dots
-    <r, d_i> the backward needs while the decoder rows are in cache, and Σ_tokens r for b_dec's). b_dec (or None) only receives the gradient
-    of x̂ = decoded + b_dec: target = s·x - b_dec already holds it, detached."""
+    <r, d_i> the backward needs while the decoder rows are in cache, and Σ_tokens r for b_dec's). b_dec (or None)
+    only receives the gradient of x̂ = decoded + b_dec: target = s·x - b_dec already holds it, detached."""
 
     @staticmethod
     def forward(ctx, values: Tensor, W_dec: Tensor, target: Tensor, b_dec: Tensor | None, selection: Selection,

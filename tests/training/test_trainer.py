@@ -216,7 +216,8 @@ def test_training_steps_read_nothing_back_from_the_device(architecture, fields, 
 
 
 @pytest.mark.parametrize("architecture, fields", [
-    ("topk", dict(k=4)), ("hierarchical_topk", dict(k_max=4)), ("matryoshka_batchtopk", dict(k=4, group_sizes=[16, 48]))])
+    ("topk", dict(k=4)), ("hierarchical_topk", dict(k_max=4)),
+    ("matryoshka_batchtopk", dict(k=4, group_sizes=[16, 48]))])
 def test_reused_pre_activation_buffer_changes_no_weight(architecture, fields):
     """The trainer lends each SAE one [batch, d_sae] buffer for its fast-path pre-activations: training with it is
     bit-identical to fresh tensors, the buffer is reused while the batch size stays, and the SAE holds it only
