@@ -163,8 +163,8 @@ class Selection:
 
     def gather(self, dense: Tensor) -> Tensor:
         """dense [B, d_sae] at the selected pairs -> shaped like `indices`."""
-        if self._selected_from is not None:  # the top-k's own values, once, if dense is (a detached alias of) its
-            source, version, values = self._selected_from  # scores, unchanged since: same memory, view, version
+        if self._selected_from is not None:  # once: the top-k's values, if dense is its scores (or a detached
+            source, version, values = self._selected_from  # alias), unchanged since: same memory, view, version
             self._selected_from = None
             scores = source()
             if scores is not None and _same_view(scores, dense) and dense._version == version:
@@ -369,7 +369,8 @@ class PreActsBuffer:
     A fresh tensor that large (38 MB at B=4096, n=2304) comes from mmap and page-faults on its first write at every
     step; reusing one saves that (`python -m bench.train_throughput` measures the step). The trainer lends one to each
     SAE for the forward only (`lend_pre_acts_buffer`) and drops `pre_acts` right after it, so nothing reads the
-    buffer once the next step has overwritten it."""
+    buffer once the next step has overwritten it. It stays allocated between steps, so the backward's temporaries
+    no longer reuse its memory: the step's peak grows by those (0.3 GiB at n = 131,072)."""
 
     def __init__(self):
         self.tensor: Tensor | None = None
@@ -415,14 +416,15 @@ def encoder_pre_acts(x_scaled: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tens
 def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor,
               W_dec: Tensor, dead_mask: Tensor, k_aux: int, *, signed: bool = False,
               dead_columns: bool | None = None) -> Tensor:
-    """`ops.auxk_loss` on the fast path, equal in value and gradients, with no host sync (§1.5).
+    """`ops.auxk_loss` on the fast path, equal in value and gradients (§1.5).
 
     The dense rule takes the k_aux = min(aux_k, n_dead) largest scores among the dead latents. With `dead_columns`
-    (default: on CPU) that is the top-k_aux of the dead columns, and with no dead latent the term is a constant 0.
-    Without (the default elsewhere: no host sync) the
-    min(aux_k, n) largest scores are chosen with non-dead latents scored -inf and non-dead entries zeroed (fewer
-    than k_aux dead latents); with no dead latent the loss is multiplied by 0, so it is 0 with zero gradients.
-    residual: s·x - x̂ [B, d] of the main reconstruction, a constant here.
+    (the default on CPU, where reading the mask costs nothing) that is the top-k_aux of the dead columns alone, and
+    with no dead latent the term is a constant 0. Without it (the default elsewhere: no host sync) the min(aux_k, n)
+    largest scores are chosen with live latents scored -inf and live picks zeroed (fewer dead latents than k_aux);
+    with no dead latent the loss is multiplied by 0, so it is 0 with zero gradients; the decode always does
+    min(aux_k, n) pairs per token (`python -m bench.auxk` compares the two). residual: s·x - x̂ [B, d] of the main
+    reconstruction, a constant here.
     """
     batch, d_sae = pre_acts.shape
     k_aux = min(k_aux, d_sae)
@@ -430,14 +432,14 @@ def fast_auxk(pre_acts: Tensor, x_centered: Tensor, residual: Tensor, b_dec: Ten
     with torch.no_grad():
         scores = pre_acts.abs() if signed else pre_acts
         if dead_columns is None:
-            dead_columns = pre_acts.device.type == "cpu"  # where reading the mask waits for nothing
-        if dead_columns:  # rank the dead columns alone: no [B, n] masked copy
+            dead_columns = pre_acts.device.type == "cpu"
+        if dead_columns:  # rank the dead columns alone: no [B, n] masked copy, no decode of live picks
             dead = dead_mask.nonzero().flatten()
             if dead.numel() == 0:
                 return pre_acts.new_zeros(())  # no dead latent: no term to differentiate
             chosen = Selection.topk(scores.index_select(1, dead), min(k_aux, dead.numel()))
             selection = Selection(dead[chosen.indices], d_sae)  # [B, min(k_aux, n_dead)], largest first
-        else:  # no [B, n] copy of the dead columns' shape without a sync: mask the others instead
+        else:  # how many latents are dead is unknown without a sync: mask the live ones instead
             selection = Selection.topk(scores.masked_fill(~dead_mask, float("-inf")), k_aux)
             with serial(pre_acts.device):
                 valid = dead_mask[selection.indices]  # [B, k_aux]

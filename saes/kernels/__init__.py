@@ -116,10 +116,8 @@ def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if scores.dim() == 2 and 1 <= k <= scores.shape[-1] and scores.shape[0] > 0:
         module = for_tensor(scores)
         if module is not None:
-            values, indices = module.topk_last_dim(scores, k)
-            return values, indices
-    values, indices = scores.topk(k, dim=-1, sorted=True)
-    return values, indices
+            return tuple(module.topk_last_dim(scores, k))
+    return tuple(scores.topk(k, dim=-1, sorted=True))
 
 
 def main() -> None:
@@ -140,7 +138,8 @@ def main() -> None:
     W, target = torch.randn(2304, 64), torch.randn(512, 64)  # the decode: r = target - Σ z_i d_i, <r, d_i>, ||r||²
     values = torch.rand(512, 32)
     codes = torch.zeros(512, 2304).scatter(-1, reference, values)
-    residual, dots, sq, _, residual_sum = module.decode_residual(values, W, reference, torch.arange(0, 512 * 32, 32), target)
+    offsets = torch.arange(0, 512 * 32, 32)
+    residual, dots, sq, _, residual_sum = module.decode_residual(values, W, reference, offsets, target)
     expected = target - codes @ W
     close = dict(atol=1e-4, rtol=1e-4)
     if not (torch.allclose(residual, expected, **close) and torch.allclose(sq, expected.pow(2).sum(-1), **close)

@@ -10,7 +10,8 @@ std::vector<torch::Tensor> latent_plan(const torch::Tensor& latents, int64_t n);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_last_dim", &topk_last_dim, "(values, indices) of the k largest along the last dimension, largest first");
-  m.def("decode_residual", &decode_residual, "(residual, dots, sq, centered, colsum) of the sparse decode against a target",
+  m.def("decode_residual", &decode_residual,
+        "(residual, dots, sq, centered, colsum) of the sparse decode against a target",
         pybind11::arg("values"), pybind11::arg("weight"), pybind11::arg("indices"), pybind11::arg("offsets"),
         pybind11::arg("target"), pybind11::arg("center") = pybind11::none());
   m.def("latent_plan", &latent_plan, "(order, offsets) of entries sorted stably by latent (counting sort)");

@@ -27,7 +27,8 @@ inline T dot(const T* a, const T* b, int64_t d) {
   return s;
 }
 
-// One token, any type and width: r = x - Σ_e V[e] rows[e], then ||r||² and the dots <r, rows[e]>.
+// One token, any type and width: r = x - Σ_e V[e] rows[e] (also added to colsum), then ||r||² and the dots
+// <r, rows[e]>.
 template <typename T>
 void decode_token(const T* x, const T* const* rows, const T* V, int64_t count, int64_t d, T* r, T* sq, T* dots,
                   T* colsum) {
