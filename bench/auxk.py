@@ -12,18 +12,13 @@ min(aux_k, n_dead) pairs and skips the term when no latent is dead. Both give op
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench.cpu_kernels import compare
 from bench.machine import describe_machine
 from saes import sparse_topk as fast
-
-
-def summary(seconds: list[float]) -> dict:
-    return {"best": round(1e3 * min(seconds), 2), "median": round(1e3 * statistics.median(seconds), 2)}
 
 
 def main() -> None:
@@ -43,25 +38,17 @@ def main() -> None:
     x_centered, pre_acts = fast.encoder_pre_acts(x, b_dec, W_enc, b_enc)
     load_before = os.getloadavg()
 
-    def step(mask: torch.Tensor, dead_columns: bool) -> float:
-        start = time.perf_counter()
+    def step(mask: torch.Tensor, dead_columns: bool) -> None:
         loss = fast.fast_auxk(pre_acts, x_centered, residual, b_dec, W_enc, b_enc, W_dec, mask, aux_k,
                               dead_columns=dead_columns)
         if loss.requires_grad:
             loss.backward()
-        return time.perf_counter() - start
 
     results = {}
     for dead_fraction in (0.0, 0.05, 0.3):
         mask = torch.rand(d_sae, generator=generator) < dead_fraction
-        step(mask, True), step(mask, False)  # warm-up
-        columns, masked = [], []
-        for _ in range(args.rounds):
-            columns.append(step(mask, True))
-            masked.append(step(mask, False))
-        results[f"{dead_fraction:.0%} dead ({int(mask.sum())} latents)"] = {
-            "dead_columns_ms": summary(columns), "masked_ms": summary(masked),
-            "speedup_median_of_rounds": round(statistics.median(m / c for c, m in zip(columns, masked)), 1)}
+        results[f"{dead_fraction:.0%} dead ({int(mask.sum())} latents)"] = compare(
+            lambda m=mask: step(m, True), lambda m=mask: step(m, False), args.rounds, names=("dead_columns", "masked"))
     report = {"benchmark": "auxk", "shape": {"batch": batch, "d_in": d_in, "d_sae": d_sae, "aux_k": aux_k},
               "threads": args.threads, "rounds": args.rounds, "results": results,
               "load_average": {"before": [round(v, 2) for v in load_before],

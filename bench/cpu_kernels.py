@@ -34,14 +34,19 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(compiled, plain, rounds: int) -> dict:
-    compiled(), plain()  # warm-up
+def summary(seconds: list[float]) -> dict:
+    return {"best": round(1e3 * min(seconds), 2), "median": round(1e3 * statistics.median(seconds), 2)}
+
+
+def compare(first, second, rounds: int, names: tuple[str, str] = ("compiled", "torch")) -> dict:
+    """Both functions interleaved over `rounds` rounds after one warm-up call each: best and median ms of each, and
+    the median over rounds of second / first (how many times faster `first` is)."""
+    first(), second()
     a, b = [], []
     for _ in range(rounds):
-        a.append(timed(compiled))
-        b.append(timed(plain))
-    return {"compiled_ms": {"best": round(1e3 * min(a), 2), "median": round(1e3 * statistics.median(a), 2)},
-            "torch_ms": {"best": round(1e3 * min(b), 2), "median": round(1e3 * statistics.median(b), 2)},
+        a.append(timed(first))
+        b.append(timed(second))
+    return {f"{names[0]}_ms": summary(a), f"{names[1]}_ms": summary(b),
             "speedup_median_of_rounds": round(statistics.median(y / x for x, y in zip(a, b)), 2)}
 
 
