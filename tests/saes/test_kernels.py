@@ -173,6 +173,23 @@ def test_decode_residual_matches_its_definition(kernel, flat, dtype, d_in, batch
     assert torch.equal(without[0], residual) and not without[3].any()
 
 
+def test_decode_residual_gives_the_same_sums_for_any_thread_count(kernel):
+    """Column sums add per block of tokens, then across blocks: one thread and two give bit-identical results."""
+    generator = torch.Generator().manual_seed(6)
+    selection = random_selection(2000, 300, 8, False, generator)
+    values = torch.randn(selection.indices.shape, generator=generator)
+    W, target = torch.randn(300, 64, generator=generator), torch.randn(2000, 64, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(kernel.decode_residual(values, W, selection.indices, selection.bag_offsets(), target))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_latent_plan_is_a_stable_sort_by_latent(kernel, flat):
     generator = torch.Generator().manual_seed(4)
