@@ -186,6 +186,9 @@ class Selection:
         plan = self.plan()
         with serial(self.device):
             weights = per_entry.reshape(-1).index_select(0, plan.order).to(rows.dtype)  # faster than [ ] on CPU
+        module = kernels.for_tensor(rows)
+        if module is not None:  # threads split by entries, not latents as embedding_bag does: see sparse_ops.cpp
+            return module.latent_sum(rows, plan.tokens, plan.offsets, weights)
         return F.embedding_bag(plan.tokens, rows, plan.offsets, per_sample_weights=weights, mode="sum")
 
     def entry_dots(self, rows_per_token: Tensor, weight: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ std::vector<torch::Tensor> decode_residual(const torch::Tensor& values, const to
                                            const torch::Tensor& indices, const torch::Tensor& offsets,
                                            const torch::Tensor& target, const c10::optional<torch::Tensor>& center);
 std::vector<torch::Tensor> latent_plan(const torch::Tensor& latents, int64_t n);
+torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens, const torch::Tensor& offsets,
+                         const torch::Tensor& weights);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_last_dim", &topk_last_dim, "(values, indices) of the k largest along the last dimension, largest first");
@@ -15,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("values"), pybind11::arg("weight"), pybind11::arg("indices"), pybind11::arg("offsets"),
         pybind11::arg("target"), pybind11::arg("center") = pybind11::none());
   m.def("latent_plan", &latent_plan, "(order, offsets) of entries sorted stably by latent (counting sort)");
+  m.def("latent_sum", &latent_sum, "[n, d] sums of weighted token rows per latent, threads split by entries");
 }

@@ -203,6 +203,63 @@ def test_latent_plan_is_a_stable_sort_by_latent(kernel, flat):
         kernel.latent_plan(torch.tensor([0, 400]), 400)
 
 
+def skewed_plan(batch: int, d_sae: int, m: int, generator):
+    """A per-token selection whose latent frequencies are heavy-tailed as in a trained SAE: latent 3 is chosen by
+    every token, latents 0-9 by most, and the last third of the latents never (empty bags)."""
+    scores = torch.randn(batch, d_sae, generator=generator)
+    scores[:, : d_sae * 2 // 3] += 4.0 * torch.rand(d_sae * 2 // 3, generator=generator).pow(8)
+    scores[:, :10] += 3.0
+    scores[:, 3] += 100.0
+    scores[:, d_sae * 2 // 3:] = -1e9
+    return Selection.topk(scores, m)
+
+
+# d_in: the plain loop (45), float32's register-blocked passes of 96 + 32 + 8 columns (136) and of 96 only (576);
+# batch x d_in x 4 bytes of rows: under the 4 MiB token block, and over it (2,000 x 576 floats: two blocks)
+@pytest.mark.parametrize("batch,d_in", [(150, 45), (150, 136), (2000, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch):
+    """out[j] = Σ over the entries of latent j of weight · rows[token], against a float64 reference; latents
+    without entries give zero rows."""
+    generator = torch.Generator().manual_seed(8)
+    d_sae = 240
+    selection = skewed_plan(batch, d_sae, 9, generator)
+    plan = selection.plan()
+    rows = torch.randn(batch, d_in, generator=generator, dtype=dtype)
+    weights = torch.randn(plan.tokens.shape, generator=generator, dtype=dtype)
+    got = kernel.latent_sum(rows, plan.tokens, plan.offsets, weights)
+    latents = selection.indices.reshape(-1).index_select(0, plan.order)
+    expected = torch.zeros(d_sae, d_in, dtype=torch.float64).index_add_(
+        0, latents, weights.double()[:, None] * rows.double()[plan.tokens])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got.double(), expected, **tol)
+    assert not got[d_sae * 2 // 3:].any()
+    with pytest.raises(RuntimeError, match="outside"):
+        kernel.latent_sum(rows, plan.tokens + batch, plan.offsets, weights)
+
+
+def test_latent_sum_is_the_same_for_any_thread_count_and_splits_threads_by_entries(kernel):
+    """Each latent is summed by one thread in entry order (bit-identical with one thread and two), even when one
+    latent holds most entries; and the same when a latent's tokens do not ascend (the token blocks then split its
+    entries otherwise)."""
+    generator = torch.Generator().manual_seed(9)
+    selection = skewed_plan(2000, 240, 9, generator)
+    plan = selection.plan()
+    rows = torch.randn(2000, 576, generator=generator)
+    weights = torch.randn(plan.tokens.shape, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(kernel.latent_sum(rows, plan.tokens, plan.offsets, weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    # the same rows and entry order with the token numbers reversed: every latent's tokens descend
+    assert torch.equal(kernel.latent_sum(rows.flip(0), 1999 - plan.tokens, plan.offsets, weights), results[0])
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_selection_plan_is_the_same_with_and_without_the_kernel(kernel, flat, monkeypatch):
     compiled = random_selection(50, 400, 9, flat, torch.Generator().manual_seed(7))
