@@ -4,7 +4,12 @@ at the training benchmark's shape (batch 4096, d_in 576, d_sae 2304, k 32, fp32,
   top-k        - `topk_last_dim` vs torch.topk(sorted=True) on [batch, d_sae] pre-activations;
   decode_error - the fused decode, squared error and FVU denominator, forward + backward, vs the same autograd
                  Function on its torch path (embedding_bag decode, norms, per-pair dots in the backward);
-  latent plan  - the counting sort of the selected pairs by latent vs the stable torch sort + searchsorted.
+  latent plan  - the counting sort of the selected pairs by latent vs the stable torch sort + searchsorted;
+  latent_sum   - the backward's per-latent sums (W_enc's and W_dec's gradients) vs embedding_bag over the same plan,
+                 on a selection of Gaussian scores (latents about equally frequent) and on one with heavy-tailed
+                 latent frequencies, as a trained SAE has (column offsets -0.3 log(1 + j): the first half of the
+                 latents gets about 79 % of the entries; 77 % in bench/peers.py's planted-dictionary run), where
+                 embedding_bag's equal split of latents between threads leaves one thread most of the work.
 
 Each pair runs interleaved over --rounds rounds (so load affects both alike); reported: best and median ms of each,
 and the median of the per-round ratios.
@@ -91,17 +96,33 @@ def main() -> None:
     def plan(selection_cls=fast.Selection):
         return selection_cls.per_token(selection.indices, d_sae).plan()
 
+    rows = torch.randn(batch, d_in, generator=generator)
+    skewed = fast.Selection.topk(pre_acts - 0.3 * torch.arange(1, d_sae + 1).log(), k)
+
+    def latent_sums(chosen: fast.Selection):
+        p = chosen.plan()
+        weights = torch.randn(p.tokens.shape, generator=generator)
+        return (lambda: module.latent_sum(rows, p.tokens, p.offsets, weights),
+                lambda: torch.nn.functional.embedding_bag(p.tokens, rows, p.offsets, per_sample_weights=weights,
+                                                          mode="sum"))
+
+    skewed_plan = skewed.plan()
+    first_half = float(skewed_plan.offsets[d_sae // 2]) / skewed_plan.tokens.numel()
     results = {
         "top-k": compare(lambda: module.topk_last_dim(pre_acts, k),
                          lambda: pre_acts.topk(k, dim=-1, sorted=True), args.rounds),
         "decode_error forward + backward": compare(error_step, without_kernels(error_step), args.rounds),
         "latent plan": compare(plan, without_kernels(plan), args.rounds),
+        "latent_sum, Gaussian scores": compare(*latent_sums(selection), args.rounds, ("compiled", "embedding_bag")),
+        "latent_sum, heavy-tailed latents": compare(*latent_sums(skewed), args.rounds, ("compiled", "embedding_bag")),
     }
+    results["latent_sum, heavy-tailed latents"]["entries_in_first_half_of_latents"] = round(first_half, 3)
     report = {"benchmark": "cpu_kernels", "shape": dict(batch=batch, d_in=d_in, d_sae=d_sae, k=k, dtype="float32"),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "kernels": kernels.describe(),
               "results": results,
-              "note": "decode_error includes its backward (W_dec's gradient is the same embedding_bag in both arms, "
-                      "on each arm's plan); each torch arm is the same code with the kernels switched off",
+              "note": "decode_error includes its backward (W_dec's gradient: latent_sum in the compiled arm, "
+                      "embedding_bag in the torch arm, each on its arm's plan); each torch arm is the same code with "
+                      "the kernels switched off",
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},
               "machine": describe_machine("cpu")}
