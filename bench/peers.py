@@ -22,8 +22,13 @@ steps, timed at the library's requests for batches, so its whole loop is counted
 (never fired on the held-out tokens), planted recovery (mean over planted directions of the best |cos| with any
 decoder row, and the fraction above 0.9), peak RSS of the trainer's process (getrusage of the child), and ratios to
 sparsify. Quality comes from one shared evaluation of the weights each trainer saves (TopK inference rule, raw
-activation space), checked against each library's own reconstruction. An idle check brackets every row: load average,
-the GFLOP/s of a short fp32 matmul, and the CPU time other processes used while the row ran.
+activation space), checked against each library's own reconstruction.
+
+The rows run at the same time but compute one at a time, in turns of `--turn-steps` steps (20) round the rows: on a
+shared machine whose speed drifts over minutes, rows run one after the other would each meet a different machine,
+and their ratio would carry that drift. Each worker leaves the time it waits for its turn out of its timestamps. An
+idle check brackets the rows: load average, the GFLOP/s of a short fp32 matmul, and the CPU time other processes used
+meanwhile. `--turn-steps 0` runs the rows one after the other instead, each with its own idle check.
 
     python -m bench.peers                          # 3M tokens, 3 windows: about 1.5 hours on 2 idle cores
     python -m bench.peers --tokens 400000          # a quick end-to-end check
@@ -94,11 +99,49 @@ class DataFile:
         return self.rows(name, 0, self.shape(name)[0])
 
 
-class Batches:
-    """The training batches in file order; records when each is requested (that is when a library starts a step)."""
+# ---- turns: rows that run at the same time compute one at a time, in turns of a few steps --------------------------
+TURNS_ENV = "SAEWB_PEERS_TURNS"  # "steps,read_fd,write_fd" in a worker the driver runs interleaved
 
-    def __init__(self, data: DataFile, batch: int, steps: int):
+
+class Turns:
+    """A worker's side of interleaved rows. At its first step and then every `steps` steps it tells the driver
+    (b"y") and waits until the driver gives it the turn again (b"g"); the time spent waiting is taken out of the
+    clock it reports, so each row's timestamps count only its own computing. The driver hands the turn round the
+    rows, so load that comes and goes on a shared machine falls on every row alike. Without pipes (`fds` None)
+    the clock is the plain one and nothing waits."""
+
+    def __init__(self, steps: int = 0, fds: tuple[int, int] | None = None, clock=time.perf_counter):
+        self.steps, self.fds, self.clock, self.calls, self.waited = steps, fds, clock, 0, 0.0
+
+    @classmethod
+    def from_env(cls) -> "Turns":
+        value = os.environ.get(TURNS_ENV)
+        if not value:
+            return cls()
+        steps, read_fd, write_fd = (int(part) for part in value.split(","))
+        return cls(steps, (read_fd, write_fd))
+
+    def step_start(self) -> float:
+        """Called when the library asks for the next batch: waits for the turn if one ends here; returns the time
+        on the clock without the waits."""
+        if self.fds is not None and (self.calls == 0 or self.calls % self.steps == 0):
+            read_fd, write_fd = self.fds
+            before = self.clock()
+            os.write(write_fd, b"y")
+            if os.read(read_fd, 1) != b"g":
+                raise SystemExit("bench.peers worker: the driver went away (no turn given); stopping.")
+            self.waited += self.clock() - before
+        self.calls += 1
+        return self.clock() - self.waited
+
+
+class Batches:
+    """The training batches in file order; records when each is requested (that is when a library starts a step),
+    on the clock of `turns` (time waiting for other rows' turns left out)."""
+
+    def __init__(self, data: DataFile, batch: int, steps: int, turns: Turns | None = None):
         self.data, self.batch, self.steps, self.i, self.times, self.cpu_times = data, batch, steps, 0, [], []
+        self.turns = turns or Turns()
 
     def __iter__(self):
         return self
@@ -106,7 +149,7 @@ class Batches:
     def __next__(self) -> torch.Tensor:
         if self.i >= self.steps:
             raise StopIteration
-        self.times.append(time.perf_counter())
+        self.times.append(self.turns.step_start())
         self.cpu_times.append(time.process_time())
         x = self.data.rows("train", self.i * self.batch, self.batch)
         self.i += 1
@@ -312,6 +355,7 @@ class StandIn(torch.nn.Module):
     def __init__(self, data: DataFile, seq: int):
         super().__init__()
         self.data, self.seq, self.times, self.cpu_times = data, seq, [], []
+        self.turns = Turns()  # the worker sets the real one once sparsify's Trainer is built
         self.layers = torch.nn.ModuleList([torch.nn.Identity()])
 
     @property
@@ -327,7 +371,7 @@ class StandIn(torch.nn.Module):
         return {"input_ids": torch.arange(self.seq)[None]}
 
     def forward(self, input_ids):
-        self.times.append(time.perf_counter())
+        self.times.append(self.turns.step_start())
         self.cpu_times.append(time.process_time())
         start, count = int(input_ids[0, 0]), input_ids.numel()
         if not torch.equal(input_ids.flatten(), torch.arange(start, start + count)):
@@ -359,6 +403,7 @@ def work_sparsify(spec: dict, data: DataFile, batches: Batches) -> dict:
     trainer = Trainer(cfg, TokenIds(spec["steps"] * spec["batch"] // seq, seq), model)
     model.times.clear()  # Trainer.__init__ ran the dummy inputs through the model to find the width
     model.cpu_times.clear()
+    model.turns = batches.turns
     rss_setup = rss_mib()
     trainer.fit()
     end, peak = time.perf_counter(), rss_mib("VmHWM")
@@ -393,7 +438,7 @@ def run_worker(spec_path: str) -> None:
     started = time.perf_counter()
     rss_start = rss_mib()
     data = DataFile(spec["data"])
-    batches = Batches(data, spec["batch"], spec["steps"])
+    batches = Batches(data, spec["batch"], spec["steps"], Turns.from_env())
     out = WORKERS[spec["row"]](spec, data, batches)
     from safetensors.torch import save_file
 
@@ -518,10 +563,11 @@ def windows(times: list[float], batch: int, warmup: int, repeats: int) -> tuple[
     return width, rates
 
 
-def run_row(row: str, args, data_path: Path, work: Path) -> dict:
+def prepare_row(row: str, args, data_path: Path, work: Path) -> dict:
+    """What running `row` needs (command, env, out_dir), or its final entry when it is skipped or --reuse finds it."""
     python, where = interpreter(row)
     if python is None:
-        return {"status": "skipped", "reason": where}
+        return {"report": {"status": "skipped", "reason": where}}
     out_dir = work / row
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"row": row, "data": str(data_path), "d": args.d, "n": args.n, "k": args.k, "batch": args.batch,
@@ -532,7 +578,8 @@ def run_row(row: str, args, data_path: Path, work: Path) -> dict:
     if args.reuse and all(path.is_file() for path in saved) and json.loads(saved[0].read_text()) == spec:
         if not args.quiet:
             print(f"[{row}] reusing the finished run in {out_dir} (--reuse)", flush=True)
-        return row_report(row, args, data_path, out_dir, where, json.loads(saved[3].read_text())) | {"reused": True}
+        report = row_report(row, args, data_path, out_dir, where, json.loads(saved[3].read_text()))
+        return {"report": report | {"reused": True}}
     for stale in saved:
         stale.unlink(missing_ok=True)
     saved[0].write_text(json.dumps(spec, indent=1))
@@ -543,34 +590,102 @@ def run_row(row: str, args, data_path: Path, work: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TQDM_DISABLE="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if not args.quiet:
-        print(f"[{row}] {' '.join(command)}", flush=True)
+    env.pop(TURNS_ENV, None)
+    return {"row": row, "where": where, "out_dir": out_dir, "command": command, "env": env}
+
+
+class RowProcess:
+    """One row's trainer process; with `turn_steps`, connected to the driver by a pipe each way (see Turns)."""
+
+    def __init__(self, prepared: dict, args, turn_steps: int = 0):
+        self.row, self.out_dir, self.where = prepared["row"], prepared["out_dir"], prepared["where"]
+        env, pass_fds, self.to_worker, self.from_worker = dict(prepared["env"]), (), None, None
+        if turn_steps:
+            worker_reads, self.to_worker = os.pipe()
+            self.from_worker, worker_writes = os.pipe()
+            env[TURNS_ENV] = f"{turn_steps},{worker_reads},{worker_writes}"
+            pass_fds = (worker_reads, worker_writes)
+        if not args.quiet:
+            print(f"[{self.row}] {' '.join(prepared['command'])}", flush=True)
+        self.log = open(self.out_dir / "log.txt", "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(prepared["command"], cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, pass_fds=pass_fds)
+        for fd in pass_fds:  # the worker's ends: only the worker may hold them, or its exit would not end the pipe
+            os.close(fd)
+        self.timer = threading.Timer(args.row_timeout, self.proc.kill) if args.row_timeout else None
+        if self.timer:
+            self.timer.start()
+
+    def turn_ended(self) -> bool:
+        """Wait until the worker yields (True) or exits (False)."""
+        return os.read(self.from_worker, 1) == b"y"
+
+    def give_turn(self) -> bool:
+        """Let the worker compute until it yields (True) or exits (False)."""
+        try:
+            os.write(self.to_worker, b"g")
+        except BrokenPipeError:
+            return False
+        return self.turn_ended()
+
+    def wait(self) -> tuple[float, float]:
+        """(wall seconds since start, the process's CPU seconds) once it has exited."""
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - self.started
+        if self.timer:
+            self.timer.cancel()
+        for fd in (self.to_worker, self.from_worker):
+            if fd is not None:
+                os.close(fd)
+        self.log.close()
+        return wall, usage.ru_utime + usage.ru_stime
+
+    def report(self, args, data_path: Path, idle: dict) -> dict:
+        if self.proc.returncode != 0 or not (self.out_dir / "result.json").is_file():
+            tail = (self.out_dir / "log.txt").read_text(errors="replace")[-3000:]
+            return {"status": "failed", "returncode": self.proc.returncode, "log_tail": tail, "idle": idle}
+        (self.out_dir / "idle.json").write_text(json.dumps(idle, indent=1))
+        return row_report(self.row, args, data_path, self.out_dir, self.where, idle)
+
+
+def run_row(prepared: dict, args, data_path: Path) -> dict:
+    """One row alone, bracketed by its own idle check."""
     before = idle_probe(args.d, args.n)
     busy0, steal0 = cpu_busy_seconds()
-    started = time.perf_counter()
-    with open(out_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        timer = threading.Timer(args.row_timeout, proc.kill) if args.row_timeout else None
-        if timer:
-            timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            if timer:
-                timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
+    process = RowProcess(prepared, args)
+    wall, child_cpu = process.wait()
     busy1, steal1 = cpu_busy_seconds()
     after = idle_probe(args.d, args.n)
-    child_cpu = usage.ru_utime + usage.ru_stime
     idle = {"before": before, "after": after, "wall_s": round(wall, 1), "child_cpu_s": round(child_cpu, 1),
             "others_cores": round(max(busy1 - busy0 - child_cpu, 0.0) / wall, 2),
             "steal_cores": round((steal1 - steal0) / wall, 2)}
-    if proc.returncode != 0 or not (out_dir / "result.json").is_file():
-        tail = (out_dir / "log.txt").read_text(errors="replace")[-3000:]
-        return {"status": "failed", "returncode": proc.returncode, "log_tail": tail, "idle": idle}
-    saved[3].write_text(json.dumps(idle, indent=1))
-    return row_report(row, args, data_path, out_dir, where, idle)
+    return process.report(args, data_path, idle)
+
+
+def run_rows_in_turns(prepared: list[dict], args, data_path: Path) -> dict[str, dict]:
+    """All rows at once, computing one at a time in turns of `args.turn_steps` steps, round the rows until each has
+    finished; one idle check brackets them all. Each row sets up (imports, builds its SAE) while the others do,
+    before any turn is given, and keeps its last turn through its export."""
+    before = idle_probe(args.d, args.n)
+    busy0, steal0 = cpu_busy_seconds()
+    started = time.perf_counter()
+    processes = [RowProcess(p, args, args.turn_steps) for p in prepared]
+    active = [process for process in processes if process.turn_ended()]  # each says once it is ready to train
+    while active:
+        active = [process for process in active if process.give_turn()]
+    usage = {process.row: process.wait() for process in processes}
+    wall = time.perf_counter() - started
+    busy1, steal1 = cpu_busy_seconds()
+    after = idle_probe(args.d, args.n)
+    children = sum(cpu for _, cpu in usage.values())
+    shared = {"before": before, "after": after, "wall_s": round(wall, 1),
+              "others_cores": round(max(busy1 - busy0 - children, 0.0) / wall, 2),
+              "steal_cores": round((steal1 - steal0) / wall, 2),
+              "in_turns_with": [p["row"] for p in prepared], "turn_steps": args.turn_steps}
+    return {process.row: process.report(args, data_path, shared | {"child_cpu_s": round(usage[process.row][1], 1)})
+            for process in processes}
 
 
 def row_report(row: str, args, data_path: Path, out_dir: Path, where: str, idle: dict) -> dict:
@@ -671,7 +786,8 @@ def markdown(report: dict) -> str:
         f"**Token budget: {s['train_tokens']:,} training tokens per row** ({s['steps']} steps x {s['batch']}), "
         f"d_in={s['d']}, d_sae={s['n']}, k={s['k']}, fp32, {s['threads']} threads, Adam lr {s['lr']:.3g}, "
         f"LR warm-up {s['lr_warmup']} steps; timed windows of {next(iter(ok.values()))['window_steps'] if ok else '?'} "
-        f"steps after {s['timing']['warmup_steps']}. **Load average at start {idle['start']['loadavg']}, at end "
+        f"steps after {s['timing']['warmup_steps']}; rows trained here ran {s['timing'].get('rows', 'one after another')}. "
+        f"**Load average at start {idle['start']['loadavg']}, at end "
         f"{idle['end']['loadavg']}** on {report['machine'].get('cpu_count')} CPUs "
         f"({report['machine'].get('cpu')}); matmul probe {idle['start']['matmul_gflops']} -> "
         f"{idle['end']['matmul_gflops']} GFLOP/s.",
@@ -728,9 +844,14 @@ NOTES = [
     "every row alike. `tokens_per_s_all_steps` in the JSON covers all steps. tok/CPU-s: the same windows timed with "
     "the trainer process's CPU time (all its threads): on an idle machine about tok/s / threads; on a loaded one it "
     "moves less than tok/s (OpenMP spin-waiting still inflates it).",
-    "Idle check: load average and a 1024 x d x n fp32 matmul rate just before and after each row; `others' cores` "
-    "is the CPU time the rest of the machine used while the row ran (from /proc/stat, minus the trainer's own), so a "
-    "loaded machine is visible. The 1-min load average after a row includes the row itself.",
+    "Turns (the default, `settings.timing.rows`): the rows trained in this invocation ran at the same time, computing "
+    "one at a time in turns of `turn_steps` steps round the rows, each leaving the time it waited out of its "
+    "timestamps, so drift in the machine's speed over minutes falls on them alike; a row taken from an earlier run "
+    "with --reuse was not in those turns (its `idle.in_turns_with` says which rows were).",
+    "Idle check: load average and a 1024 x d x n fp32 matmul rate just before and after the rows (in turns) or each "
+    "row (one after another); `others' cores` is the CPU time the rest of the machine used meanwhile (from "
+    "/proc/stat, minus the trainers' own), so a loaded machine is visible. The 1-min load average after includes "
+    "the rows themselves.",
     "Quality: one shared evaluation of the saved weights (u = W_enc (x - b_dec) + b_enc, ReLU of the top k, "
     "x_hat = codes W_dec + b_dec, raw activation space); `own_vs_shared_recon_max_abs_diff` in the JSON checks it "
     "against each library's own reconstruction. FVU pooled; dead % = never fired on the held-out tokens; recovery = "
@@ -782,7 +903,12 @@ def parse_args(argv=None):
     parser.add_argument("--reuse", action="store_true",
                         help="keep a row's finished run from an earlier invocation with the same spec (e.g. after an "
                              "interruption) instead of training it again")
-    parser.add_argument("--row-timeout", type=float, default=0, help="kill a row's trainer after this many seconds")
+    parser.add_argument("--turn-steps", type=int, default=20,
+                        help="run the rows at the same time, computing one at a time in turns of this many steps, so "
+                             "a machine's load that comes and goes falls on every row alike (0: one row after the "
+                             "other, each with its own idle check)")
+    parser.add_argument("--row-timeout", type=float, default=0,
+                        help="kill a row's trainer this many seconds after it starts (in turns: after all start)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -791,6 +917,8 @@ def parse_args(argv=None):
     args.steps = args.tokens // args.batch
     if args.steps < 2:
         raise SystemExit(f"--tokens {args.tokens} gives {args.steps} steps of {args.batch}: raise it.")
+    if args.turn_steps < 0:
+        raise SystemExit(f"--turn-steps must be 0 (rows one after another) or a number of steps, not {args.turn_steps}.")
     args.lr = args.lr if args.lr is not None else 2e-4 / math.sqrt(args.n / 2**14)
     args.lr_warmup = args.lr_warmup if args.lr_warmup is not None else max(1, min(1000, args.steps // 10))
     args.n_true = args.n_true or args.n // 2
@@ -814,11 +942,15 @@ def main(argv=None) -> dict:
     start_probe = idle_probe(args.d, args.n)
     data_path = ensure_data(args)
     data = DataFile(data_path)
-    rows = {}
-    for row in args.rows:
-        rows[row] = run_row(row, args, data_path, work)
-        if not args.quiet:
-            r = rows[row]
+    prepared = {row: prepare_row(row, args, data_path, work) for row in args.rows}
+    to_run = [p for p in prepared.values() if "report" not in p]
+    if args.turn_steps and len(to_run) > 1:
+        ran = run_rows_in_turns(to_run, args, data_path)
+    else:
+        ran = {p["row"]: run_row(p, args, data_path) for p in to_run}
+    rows = {row: p["report"] if "report" in p else ran[row] for row, p in prepared.items()}
+    if not args.quiet:
+        for row, r in rows.items():
             summary = {key: r.get(key) for key in ("status", "tokens_per_s", "fvu", "dead_pct", "mean_best_cosine",
                                                    "frac_recovered", "peak_rss_mib", "reason")}
             print(f"[{row}] {json.dumps(summary)}", flush=True)
@@ -832,7 +964,9 @@ def main(argv=None) -> dict:
                      "threads": args.threads, "steps": args.steps, "train_tokens": args.steps * args.batch,
                      "lr": args.lr, "lr_warmup": args.lr_warmup, "seed": args.seed,
                      "timing": {"warmup_steps": args.timing_warmup, "repeats": args.repeats,
-                                "statistic": "median of the windows' tokens/s"},
+                                "statistic": "median of the windows' tokens/s",
+                                "rows": f"in turns of {args.turn_steps} steps" if args.turn_steps
+                                else "one after another"},
                      "data": data.meta | {"file": str(data_path)}},
         "command": "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": describe_machine("cpu"),

@@ -4,6 +4,8 @@ rows run only when their venvs already exist (tests/saes/test_saelens_compat.py 
 them); they are never built here."""
 import json
 import math
+import os
+import threading
 
 import pytest
 import torch
@@ -43,9 +45,9 @@ def test_recovery_is_one_for_the_planted_dictionary_and_low_for_a_random_one():
 def test_driver_end_to_end_on_a_tiny_config(tmp_path):
     rows = ["saewb", "plain"] + [row for row in ("saelens", "sparsify") if peers.interpreter(row)[0] is not None]
     threads = torch.get_num_threads()
-    try:
+    try:  # in turns of 4 steps: each row yields 3 times besides its first step
         report = peers.main(TINY + ["--rows", ",".join(rows), "--work-dir", str(tmp_path / "work"),
-                                    "--out", str(tmp_path / "results" / "peers.json")])
+                                    "--turn-steps", "4", "--out", str(tmp_path / "results" / "peers.json")])
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "results" / "peers.json").read_text())
@@ -54,7 +56,7 @@ def test_driver_end_to_end_on_a_tiny_config(tmp_path):
     s = saved["settings"]
     assert (s["d"], s["n"], s["k"], s["batch"], s["steps"], s["train_tokens"]) == (16, 64, 4, 256, 12, 3072)
     assert s["lr"] == pytest.approx(2e-4 / math.sqrt(64 / 2**14)) and s["lr_warmup"] == 1
-    assert s["timing"]["repeats"] == 3 and "cpu" in saved["machine"]
+    assert s["timing"]["repeats"] == 3 and s["timing"]["rows"] == "in turns of 4 steps" and "cpu" in saved["machine"]
     for when in ("start", "end"):
         assert len(saved["idle_check"][when]["loadavg"]) == 3 and saved["idle_check"][when]["matmul_gflops"] > 0
     assert list(saved["rows"]) == rows
@@ -83,6 +85,7 @@ def test_driver_end_to_end_on_a_tiny_config(tmp_path):
         assert row["own_vs_shared_recon_max_abs_diff"] < 1e-3 * max(row["own_recon_scale"], 1.0), name
         idle = row["idle"]
         assert {"before", "after", "wall_s", "child_cpu_s", "others_cores"} <= set(idle) and idle["child_cpu_s"] > 0
+        assert idle["in_turns_with"] == rows and idle["turn_steps"] == 4
         if "sparsify" in saved["rows"]:
             assert row["ratio_to_sparsify"]["tokens_per_s"] > 0
         else:
@@ -101,13 +104,63 @@ def test_driver_end_to_end_on_a_tiny_config(tmp_path):
         assert row["reused"] and row["fvu"] == saved["rows"][name]["fvu"]
         assert row["tokens_per_s"] == saved["rows"][name]["tokens_per_s"]
 
+    # --turn-steps 0: one row after the other, each with its own idle check
+    apart = peers.main(TINY + ["--rows", "plain", "--work-dir", str(tmp_path / "apart"), "--turn-steps", "0",
+                               "--out", str(tmp_path / "apart" / "peers.json")])
+    assert apart["settings"]["timing"]["rows"] == "one after another"
+    assert apart["rows"]["plain"]["status"] == "ok" and "in_turns_with" not in apart["rows"]["plain"]["idle"]
+
 
 def test_missing_peer_venv_is_a_skipped_row(tmp_path, monkeypatch):
     monkeypatch.setitem(peers.VENVS, "saelens", tmp_path / "no-such-venv")
     python, reason = peers.interpreter("saelens")
     assert python is None and "does not exist" in reason
-    report = peers.run_row("saelens", peers.parse_args(TINY), tmp_path / "unused.safetensors", tmp_path)
-    assert report == {"status": "skipped", "reason": reason}
+    prepared = peers.prepare_row("saelens", peers.parse_args(TINY), tmp_path / "unused.safetensors", tmp_path)
+    assert prepared == {"report": {"status": "skipped", "reason": reason}}
+
+
+def test_turns_wait_for_the_driver_and_leave_the_wait_out_of_the_clock():
+    """A worker in turns of 3 steps yields at its first step (ready) and at steps 3 and 6; the driver's delay before
+    giving the turn back (100 s on a fake clock) is not in the timestamps, the steps' own second each is."""
+    now = [0.0]
+    worker_reads, driver_writes = os.pipe()
+    driver_reads, worker_writes = os.pipe()
+    yields = []
+
+    def driver():
+        while os.read(driver_reads, 1) == b"y":
+            yields.append(now[0])
+            now[0] += 100.0
+            os.write(driver_writes, b"g")
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    turns = peers.Turns(3, (worker_reads, worker_writes), clock=lambda: now[0])
+    stamps = []
+    for _ in range(7):
+        stamps.append(turns.step_start())
+        now[0] += 1.0  # the step
+    os.close(worker_writes)  # the worker exits: the driver reads the end of the pipe
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert stamps == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert yields == [0.0, 103.0, 206.0]  # before steps 0, 3 and 6 on the real (fake) clock
+    for fd in (worker_reads, driver_writes, driver_reads):
+        os.close(fd)
+    plain = peers.Turns(clock=lambda: 42.0)  # not in turns: the clock as it is, nothing waits
+    assert plain.step_start() == 42.0 and plain.step_start() == 42.0
+
+
+def test_a_worker_that_never_gets_its_turn_back_stops(tmp_path):
+    """The driver gone (its end of the pipe closed) is a clear exit, not a hang."""
+    worker_reads, driver_writes = os.pipe()
+    driver_reads, worker_writes = os.pipe()
+    os.close(driver_writes)
+    turns = peers.Turns(3, (worker_reads, worker_writes))
+    with pytest.raises(SystemExit, match="driver went away"):
+        turns.step_start()
+    for fd in (worker_reads, driver_reads, worker_writes):
+        os.close(fd)
 
 
 def test_timing_windows():
