@@ -5,8 +5,9 @@
   each row's k-th largest value from two passes of block maxima and ranks only the elements above it
   (`python -m bench.cpu_kernels` times it against torch.topk). Its order is that of a stable descending sort
   (largest first; equal values: the smaller index first; NaN first; torch.topk leaves ties unspecified).
-* `decode_residual` and `latent_plan` (sparse_ops.cpp), used by saes/sparse_topk.py: the sparse decode fused with
-  its residual, squared error and the dots its backward needs; the entries sorted by latent by a counting sort.
+* `decode_residual`, `latent_plan` and `latent_sum` (sparse_ops.cpp), used by saes/sparse_topk.py: the sparse decode
+  fused with its residual, squared error and the dots its backward needs; the entries sorted by latent by a counting
+  sort; the backward's per-latent sums, with threads split by entries rather than latents.
 
 They are compiled once per machine with torch's C++ extension builder (a C++ compiler and ninja; about a minute,
 cached under ~/.cache/torch_extensions). `make install` builds them; without a compiler, or with SAEWB_KERNELS=0,
@@ -98,7 +99,7 @@ def unavailable_reason() -> str | None:
 def describe() -> str:
     """Which kernels the fast path takes on CPU here, for benchmark reports."""
     if load() is not None:
-        return f"compiled kernels ({_extension_name()}: top-k, fused decode, latent plan)"
+        return f"compiled kernels ({_extension_name()}: top-k, fused decode, latent plan, latent sums)"
     return f"torch ops ({unavailable_reason()})"
 
 
@@ -147,4 +148,10 @@ def main() -> None:
             and torch.allclose(residual_sum, expected.sum(0), atol=1e-3, rtol=1e-4)):
         raise SystemExit("saes.kernels: the compiled decode disagrees with its definition; set SAEWB_KERNELS=0 "
                          "and report this machine's compiler.")
+    order, starts = module.latent_plan(reference, 2304)  # the per-latent sums: codes^T target, from the plan
+    tokens = torch.arange(512).repeat_interleave(32).index_select(0, order)
+    sums = module.latent_sum(target, tokens, starts, values.reshape(-1).index_select(0, order))
+    if not torch.allclose(sums, codes.T @ target, **close):
+        raise SystemExit("saes.kernels: the compiled per-latent sums disagree with their definition; set "
+                         "SAEWB_KERNELS=0 and report this machine's compiler.")
     print(f"saes.kernels: kernels ready ({_extension_name()}, {time.perf_counter() - started:.0f} s).")

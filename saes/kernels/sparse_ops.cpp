@@ -290,7 +290,9 @@ torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens,
   if (n == 0 || d == 0) return out;
   const int64_t* T = tok.data_ptr<int64_t>();
   const int64_t* O = off.data_ptr<int64_t>();
-  TORCH_CHECK(n == 0 || (O[0] == 0 && O[n - 1] <= N), "latent_sum: offsets must start at 0 and stay within the entries");
+  bool ascending = O[0] == 0 && O[n - 1] <= N;
+  for (int64_t j = 0; j + 1 < n; ++j) ascending = ascending && O[j] <= O[j + 1];
+  TORCH_CHECK(ascending, "latent_sum: offsets must start at 0, never decrease and stay within the entries");
   for (int64_t e = 0; e < N; ++e)
     TORCH_CHECK(T[e] >= 0 && T[e] < B, "latent_sum: token index ", T[e], " is outside [0, ", B, ")");
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));

@@ -236,6 +236,10 @@ def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch):
     assert not got[d_sae * 2 // 3:].any()
     with pytest.raises(RuntimeError, match="outside"):
         kernel.latent_sum(rows, plan.tokens + batch, plan.offsets, weights)
+    decreasing = plan.offsets.clone()
+    decreasing[5] = decreasing[6] + 1  # starts at 0 and stays in range, but latent 5's range ends before it starts
+    with pytest.raises(RuntimeError, match="never decrease"):
+        kernel.latent_sum(rows, plan.tokens, decreasing, weights)
 
 
 def test_latent_sum_is_the_same_for_any_thread_count_and_splits_threads_by_entries(kernel):
