@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,11 +215,14 @@ def skewed_plan(batch: int, d_sae: int, m: int, generator):
     return Selection.topk(scores, m)
 
 
-# d_in: the plain loop (45), float32's register-blocked passes of 96 + 32 + 8 columns (136) and of 96 only (576);
-# batch x d_in x 4 bytes of rows: under the 4 MiB token block, and over it (2,000 x 576 floats: two blocks)
-@pytest.mark.parametrize("batch,d_in", [(150, 45), (150, 136), (2000, 576)])
+# d_in: the plain loop (45) and every pass of float32's register-blocked loop. AVX2: 96 + 32 + 8 columns (136),
+# 4 x 96 + 32 + 8 (424), 96 only (576). AVX-512: 128 + 8 (136), 384 + 32 + 8 (424), 384 + 128 + 64 (576).
+# row_block_bytes: the default (0: half the L3 cache, one block here) and blocks of 100 KiB (2,000 x 576 floats of
+# rows: 44 blocks in float32, 88 in float64, so every latent's entries are split between blocks)
+@pytest.mark.parametrize("batch,d_in,row_block_bytes", [(150, 45, 0), (150, 136, 0), (150, 424, 0), (2000, 576, 0),
+                                                        (2000, 576, 100 << 10)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch):
+def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch, row_block_bytes):
     """out[j] = Σ over the entries of latent j of weight · rows[token], against a float64 reference; latents
     without entries give zero rows."""
     generator = torch.Generator().manual_seed(8)
@@ -227,7 +231,7 @@ def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch):
     plan = selection.plan()
     rows = torch.randn(batch, d_in, generator=generator, dtype=dtype)
     weights = torch.randn(plan.tokens.shape, generator=generator, dtype=dtype)
-    got = kernel.latent_sum(rows, plan.tokens, plan.offsets, weights)
+    got = kernel.latent_sum(rows, plan.tokens, plan.offsets, weights, row_block_bytes)
     latents = selection.indices.reshape(-1).index_select(0, plan.order)
     expected = torch.zeros(d_sae, d_in, dtype=torch.float64).index_add_(
         0, latents, weights.double()[:, None] * rows.double()[plan.tokens])
@@ -244,8 +248,8 @@ def test_latent_sum_matches_its_definition(kernel, dtype, d_in, batch):
 
 def test_latent_sum_is_the_same_for_any_thread_count_and_splits_threads_by_entries(kernel):
     """Each latent is summed by one thread in entry order (bit-identical with one thread and two), even when one
-    latent holds most entries; and the same when a latent's tokens do not ascend (the token blocks then split its
-    entries otherwise)."""
+    latent holds most entries; the same for any row block size, and when a latent's tokens do not ascend (the
+    token blocks then split its entries otherwise)."""
     generator = torch.Generator().manual_seed(9)
     selection = skewed_plan(2000, 240, 9, generator)
     plan = selection.plan()
@@ -256,12 +260,25 @@ def test_latent_sum_is_the_same_for_any_thread_count_and_splits_threads_by_entri
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(kernel.latent_sum(rows, plan.tokens, plan.offsets, weights))
+            for block_bytes in (0, 100 << 10):
+                results.append(kernel.latent_sum(rows, plan.tokens, plan.offsets, weights, block_bytes))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert all(torch.equal(results[0], other) for other in results[1:])
     # the same rows and entry order with the token numbers reversed: every latent's tokens descend
-    assert torch.equal(kernel.latent_sum(rows.flip(0), 1999 - plan.tokens, plan.offsets, weights), results[0])
+    for block_bytes in (0, 100 << 10):
+        flipped = kernel.latent_sum(rows.flip(0), 1999 - plan.tokens, plan.offsets, weights, block_bytes)
+        assert torch.equal(flipped, results[0])
+
+
+def test_latent_sum_row_block_is_half_the_l3_cache_and_at_least_4_mib(kernel):
+    """The default block reads the L3 size of cpu0 from sysfs (per cache instance, not per socket)."""
+    l3 = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == "3":
+            text = (index / "size").read_text().strip()
+            l3 = int(text[:-1]) * {"K": 1024, "M": 1 << 20}[text[-1]]
+    assert kernel.default_row_block_bytes() == max(4 << 20, l3 // 2)
 
 
 @pytest.mark.parametrize("flat", [False, True])
