@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from saes import kernels
+from saes import kernels, ops
 
 KERNELS = ("sparse", "dense")
 
@@ -102,8 +102,7 @@ class Selection:
     @classmethod
     def batch_topk(cls, scores: Tensor, n_keep: int) -> "Selection":
         """The n_keep largest scores of the whole batch (the rule of `ops.batch_topk_codes`). scores: [B, n]."""
-        flat = scores.flatten().topk(min(n_keep, scores.numel()), sorted=False).indices
-        return cls.from_flat(flat, scores.shape[0], scores.shape[1])
+        return cls.from_flat(ops.batch_topk_positions(scores.detach(), n_keep), scores.shape[0], scores.shape[1])
 
     @classmethod
     def from_flat(cls, flat: Tensor, batch: int, d_sae: int) -> "Selection":

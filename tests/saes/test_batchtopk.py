@@ -39,6 +39,47 @@ def test_batch_topk_codes_with_few_positive_entries_keeps_only_positives():
     assert int((codes != 0).sum()) == 2 and codes[0, 1] == 2.0 and codes[2, 4] == 0.5
 
 
+def check_is_a_top(scores: torch.Tensor, positions: torch.Tensor, n_keep: int):
+    """positions are n_keep distinct entries whose values are torch.topk's n_keep largest (NaN first)."""
+    flat = scores.flatten()
+    assert positions.numel() == n_keep and positions.unique().numel() == n_keep
+    expected = flat.topk(n_keep).values.sort().values
+    torch.testing.assert_close(flat[positions].sort().values, expected, rtol=0, atol=0, equal_nan=True)
+
+
+# [batch, d_sae] with at least 2^20 scores and n_keep at most 1/8 of them: the sampled-threshold path
+def test_batch_topk_positions_are_exactly_torch_topks_in_float64():
+    scores = torch.randn(4096, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = ops.batch_topk_positions(scores, 4096 * 8)
+    reference = scores.flatten().topk(4096 * 8).indices  # float64: no ties, so the same entries
+    assert torch.equal(positions.sort().values, reference.sort().values)
+
+
+@pytest.mark.parametrize("case", ["ties", "nan", "one column", "overshooting sample", "small", "dense share"])
+def test_batch_topk_positions_keep_the_largest_values_whatever_the_scores(case):
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 40, (2048, 1024), generator=generator).float()  # 40 values: ties everywhere
+    n_keep = 2048 * 16
+    if case == "nan":  # NaN ranks above everything, as in torch.topk; here off the sample, which then has none
+        scores = torch.randn(2048, 1024, generator=generator)
+        positions = torch.randperm(scores.numel(), generator=generator)[:200]
+        positions = positions[positions % ops.sample_stride(scores.numel(), 1024) != 0][:50]
+        scores.view(-1)[positions] = float("nan")
+    elif case == "one column":  # every large score in one latent (column 513, which a stride of 16 would miss)
+        scores = torch.randn(2048, 1024, generator=generator)
+        scores[:, 513] += 20
+        n_keep = 3000
+    elif case == "overshooting sample":  # the sampled scores are the largest: fewer than n_keep pass, full top-k
+        scores = torch.randn(2048, 1024, generator=generator)
+        scores.view(-1)[::ops.sample_stride(scores.numel(), 1024)] = 100.0
+        n_keep = 200_000
+    elif case == "small":  # under 2^20 scores: torch.topk directly
+        scores = scores[:100]
+    elif case == "dense share":  # n_keep over 1/8 of the scores: torch.topk directly
+        n_keep = scores.numel() // 4
+    check_is_a_top(scores, ops.batch_topk_positions(scores, n_keep), n_keep)
+
+
 def test_threshold_is_the_mean_smallest_kept_activation_of_training_batches():
     sae = btk()
     batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
