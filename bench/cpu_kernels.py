@@ -10,7 +10,8 @@ at the training benchmark's shape (batch 4096, d_in 576, d_sae 2304, k 32, fp32,
                  latent frequencies, as a trained SAE has (column offsets -0.3 log(1 + j): the first half of the
                  latents gets about 79 % of the entries; 77 % in bench/peers.py's planted-dictionary run), where
                  embedding_bag's equal split of latents between threads leaves one thread most of the work;
-                 and its default row block (half the L3 cache, at least 4 MiB) against 4 MiB blocks.
+  batch top-k  - not a compiled kernel: ops.batch_topk_positions (BatchTopK's k * batch largest of all batch x d_sae
+                 pre-activations, through a sampled threshold) vs torch.topk over the flattened scores.
 
 Each pair runs interleaved over --rounds rounds (so load affects both alike); reported: best and median ms of each,
 and the median of the per-round ratios.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.machine import describe_machine
-from saes import kernels
+from saes import kernels, ops
 from saes import sparse_topk as fast
 
 
@@ -100,12 +101,9 @@ def main() -> None:
     rows = torch.randn(batch, d_in, generator=generator)
     skewed = fast.Selection.topk(pre_acts - 0.3 * torch.arange(1, d_sae + 1).log(), k)
 
-    def latent_sums(chosen: fast.Selection, against: str = "embedding_bag"):
+    def latent_sums(chosen: fast.Selection):
         p = chosen.plan()
         weights = torch.randn(p.tokens.shape, generator=generator)
-        if against == "4 MiB blocks":
-            return (lambda: module.latent_sum(rows, p.tokens, p.offsets, weights),
-                    lambda: module.latent_sum(rows, p.tokens, p.offsets, weights, 4 << 20))
         return (lambda: module.latent_sum(rows, p.tokens, p.offsets, weights),
                 lambda: torch.nn.functional.embedding_bag(p.tokens, rows, p.offsets, per_sample_weights=weights,
                                                           mode="sum"))
@@ -119,13 +117,13 @@ def main() -> None:
         "latent plan": compare(plan, without_kernels(plan), args.rounds),
         "latent_sum, Gaussian scores": compare(*latent_sums(selection), args.rounds, ("compiled", "embedding_bag")),
         "latent_sum, heavy-tailed latents": compare(*latent_sums(skewed), args.rounds, ("compiled", "embedding_bag")),
-        "latent_sum default row block vs 4 MiB blocks, heavy-tailed": compare(
-            *latent_sums(skewed, "4 MiB blocks"), args.rounds, ("default_block", "4MiB_blocks")),
+        "batch top-k": compare(lambda: ops.batch_topk_positions(pre_acts, k * batch),
+                               lambda: pre_acts.flatten().topk(k * batch, sorted=False), args.rounds,
+                               ("sampled_threshold", "torch.topk")),
     }
     results["latent_sum, heavy-tailed latents"]["entries_in_first_half_of_latents"] = round(first_half, 3)
     report = {"benchmark": "cpu_kernels", "shape": dict(batch=batch, d_in=d_in, d_sae=d_sae, k=k, dtype="float32"),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "kernels": kernels.describe(),
-              "latent_sum_row_block_bytes": module.default_row_block_bytes(),
               "results": results,
               "note": "decode_error includes its backward (W_dec's gradient: latent_sum in the compiled arm, "
                       "embedding_bag in the torch arm, each on its arm's plan); each torch arm is the same code with "

@@ -6,7 +6,6 @@ std::vector<torch::Tensor> topk_last_dim(const torch::Tensor& scores, int64_t k)
 std::vector<torch::Tensor> decode_residual(const torch::Tensor& values, const torch::Tensor& weight,
                                            const torch::Tensor& indices, const torch::Tensor& offsets,
                                            const torch::Tensor& target, const c10::optional<torch::Tensor>& center);
-int64_t default_row_block_bytes();
 std::vector<torch::Tensor> latent_plan(const torch::Tensor& latents, int64_t n);
 torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens, const torch::Tensor& offsets,
                          const torch::Tensor& weights, int64_t row_block_bytes);
@@ -20,8 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("latent_plan", &latent_plan, "(order, offsets) of entries sorted stably by latent (counting sort)");
   m.def("latent_sum", &latent_sum,
         "[n, d] sums of weighted token rows per latent, threads split by entries, rows read in cache-sized blocks "
-        "(row_block_bytes <= 0: half the L3 cache, at least 4 MiB)",
+        "(row_block_bytes <= 0: 4 MiB; tests pass smaller ones)",
         pybind11::arg("rows"), pybind11::arg("tokens"), pybind11::arg("offsets"), pybind11::arg("weights"),
         pybind11::arg("row_block_bytes") = 0);
-  m.def("default_row_block_bytes", &default_row_block_bytes, "latent_sum's row block: half the L3 cache, >= 4 MiB");
 }

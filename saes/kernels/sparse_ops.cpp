@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <fstream>
-#include <string>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -136,46 +134,50 @@ void latent_row(const T* X, const int64_t* tok, const T* w, int64_t count, int64
   }
 }
 
-#ifdef SAEWB_AVX2
-// NV (<= 12) vectors of one latent's sum from column c, held in registers over all its entries.
-template <int NV>
-inline void latent_chunk(const float* X, const int64_t* tok, const float* w, int64_t count, int64_t d, int64_t c,
-                         float* out, bool accumulate) {
-  __m256 acc[NV];
-  for (int l = 0; l < NV; ++l) acc[l] = accumulate ? _mm256_loadu_ps(out + c + 8 * l) : _mm256_setzero_ps();
-  for (int64_t e = 0; e < count; ++e) {
-    const __m256 a = _mm256_set1_ps(w[e]);
-    const float* row = X + tok[e] * d + c;
-    for (int l = 0; l < NV; ++l) acc[l] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * l), acc[l]);
-  }
-  for (int l = 0; l < NV; ++l) _mm256_storeu_ps(out + c + 8 * l, acc[l]);
-}
-#endif
-
 // The register-blocked latent_row where it applies (float32, d a multiple of 8); false elsewhere.
 template <typename T>
 inline bool latent_row_blocked(const T*, const int64_t*, const T*, int64_t, int64_t, T*, bool) {
   return false;
 }
 
+#ifdef SAEWB_AVX2
+// The float vectors latent_chunk runs on: 8 floats (AVX2) or, where built with -mavx512f, 16.
+struct Floats8 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V broadcast(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
 #ifdef SAEWB_AVX512
-// latent_chunk with 16-float vectors and up to 24 accumulators (of 32 registers). Each column still adds its
-// entries in order with one fused multiply-add each, so the sums are bit-identical to the AVX2 loop's.
-template <int NV>
-inline void latent_chunk16(const float* X, const int64_t* tok, const float* w, int64_t count, int64_t d, int64_t c,
-                           float* out, bool accumulate) {
-  __m512 acc[NV];
-  for (int l = 0; l < NV; ++l) acc[l] = accumulate ? _mm512_loadu_ps(out + c + 16 * l) : _mm512_setzero_ps();
-  for (int64_t e = 0; e < count; ++e) {
-    const __m512 a = _mm512_set1_ps(w[e]);
-    const float* row = X + tok[e] * d + c;
-    for (int l = 0; l < NV; ++l) acc[l] = _mm512_fmadd_ps(a, _mm512_loadu_ps(row + 16 * l), acc[l]);
-  }
-  for (int l = 0; l < NV; ++l) _mm512_storeu_ps(out + c + 16 * l, acc[l]);
-}
+struct Floats16 {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V broadcast(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
 #endif
 
-#ifdef SAEWB_AVX2
+// NV vectors of one latent's sum from column c, held in registers over all its entries. Each column adds its
+// entries in order with one fused multiply-add each, so any vector width gives bit-identical sums.
+template <typename F, int NV>
+inline void latent_chunk(const float* X, const int64_t* tok, const float* w, int64_t count, int64_t d, int64_t c,
+                         float* out, bool accumulate) {
+  typename F::V acc[NV];
+  for (int l = 0; l < NV; ++l) acc[l] = accumulate ? F::load(out + c + F::kWidth * l) : F::zero();
+  for (int64_t e = 0; e < count; ++e) {
+    const auto a = F::broadcast(w[e]);
+    const float* row = X + tok[e] * d + c;
+    for (int l = 0; l < NV; ++l) acc[l] = F::fmadd(a, F::load(row + F::kWidth * l), acc[l]);
+  }
+  for (int l = 0; l < NV; ++l) F::store(out + c + F::kWidth * l, acc[l]);
+}
+
 // Passes of 12 vectors (96 columns; 12 accumulators leave registers for the broadcast and a load), then of 4, then 1;
 // with AVX-512 first passes of 24, 8 and 4 16-float vectors (d = 576: three passes instead of six).
 template <>
@@ -183,14 +185,14 @@ inline bool latent_row_blocked<float>(const float* X, const int64_t* tok, const 
                                       float* out, bool accumulate) {
   if (d % 8 != 0) return false;
   int64_t c = 0;
-#ifdef SAEWB_AVX512
-  for (; c + 384 <= d; c += 384) latent_chunk16<24>(X, tok, w, count, d, c, out, accumulate);
-  for (; c + 128 <= d; c += 128) latent_chunk16<8>(X, tok, w, count, d, c, out, accumulate);
-  for (; c + 64 <= d; c += 64) latent_chunk16<4>(X, tok, w, count, d, c, out, accumulate);
+#ifdef SAEWB_AVX512  // up to 24 accumulators of 32 registers
+  for (; c + 384 <= d; c += 384) latent_chunk<Floats16, 24>(X, tok, w, count, d, c, out, accumulate);
+  for (; c + 128 <= d; c += 128) latent_chunk<Floats16, 8>(X, tok, w, count, d, c, out, accumulate);
+  for (; c + 64 <= d; c += 64) latent_chunk<Floats16, 4>(X, tok, w, count, d, c, out, accumulate);
 #endif
-  for (; c + 96 <= d; c += 96) latent_chunk<12>(X, tok, w, count, d, c, out, accumulate);
-  for (; c + 32 <= d; c += 32) latent_chunk<4>(X, tok, w, count, d, c, out, accumulate);
-  for (; c < d; c += 8) latent_chunk<1>(X, tok, w, count, d, c, out, accumulate);
+  for (; c + 96 <= d; c += 96) latent_chunk<Floats8, 12>(X, tok, w, count, d, c, out, accumulate);
+  for (; c + 32 <= d; c += 32) latent_chunk<Floats8, 4>(X, tok, w, count, d, c, out, accumulate);
+  for (; c < d; c += 8) latent_chunk<Floats8, 1>(X, tok, w, count, d, c, out, accumulate);
   return true;
 }
 #endif
@@ -293,35 +295,14 @@ std::vector<torch::Tensor> latent_plan(const torch::Tensor& latents, int64_t n) 
 // * Threads take contiguous latent ranges holding equal shares of the entries. Latent frequencies are heavy-tailed
 //   (in a trained SAE a few latents fire on many tokens); an equal share of latents per thread, as embedding_bag
 //   splits them, left one of two threads with 77 % of the work on the planted-dictionary benchmark.
-// * Each thread walks the rows in blocks of row_block_bytes: per block, every latent adds its next entries whose
-//   tokens lie below the block's end. With each latent's tokens ascending (as latent_plan orders them), a block's
-//   rows stay in the last-level cache while all its latents read them (each row is read by about k latents) instead
-//   of coming from DRAM for every latent. In any other order the sum is the same (entries are still taken in order,
-//   and the last block takes the rest), only slower. The default (row_block_bytes <= 0) is half the L3 cache, at
-//   least 4 MiB: rows that fit in L3 take one pass, since splitting them only re-reads every latent's accumulators
-//   (on a 32 MiB L3 with 9.4 MiB of rows, one pass took 3.1 ms where 4 MiB blocks took 4.6; bench/cpu_kernels.py).
-// The L3 cache that cpu0 shares, from Linux's sysfs (one instance: sysconf reports a whole socket's, 320 MiB on a
-// machine whose cores share 32 MiB); 0 where it cannot be read.
-int64_t l3_cache_bytes() {
-  const std::string base = "/sys/devices/system/cpu/cpu0/cache/index";
-  for (int i = 0; i < 8; ++i) {
-    std::ifstream level_file(base + std::to_string(i) + "/level");
-    int level = 0;
-    if (!(level_file >> level)) break;
-    if (level != 3) continue;
-    std::ifstream size_file(base + std::to_string(i) + "/size");
-    int64_t size = 0;
-    char unit = 'B';
-    size_file >> size >> unit;  // e.g. "32768K"
-    return size * (unit == 'K' ? 1024 : unit == 'M' ? 1 << 20 : 1);
-  }
-  return 0;
-}
-
-int64_t default_row_block_bytes() {
-  static const int64_t bytes = std::max<int64_t>(int64_t(4) << 20, l3_cache_bytes() / 2);
-  return bytes;
-}
+// * Each thread walks the rows in blocks of row_block_bytes (<= 0: kRowBlockBytes): per block, every latent adds its
+//   next entries whose tokens lie below the block's end. With each latent's tokens ascending (as latent_plan orders
+//   them), a block's rows stay in the last-level cache while all its latents read them (each row is read by about k
+//   latents) instead of coming from DRAM for every latent. In any other order the sum is the same (entries are still
+//   taken in order, and the last block takes the rest), only slower. (Blocks of half the L3, one pass over the
+//   benchmark's 9.4 MiB of rows on a 32 MiB L3, measured 0.94x-1.18x against 4 MiB over six runs of
+//   bench/cpu_kernels.py: no gain, so the block stays fixed.)
+constexpr int64_t kRowBlockBytes = 4 << 20;
 
 torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens, const torch::Tensor& offsets,
                          const torch::Tensor& weights, int64_t row_block_bytes) {
@@ -351,7 +332,7 @@ torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens,
     const scalar_t* W = w.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
     const int64_t row_bytes = d * (int64_t)sizeof(scalar_t);
-    const int64_t block_bytes = row_block_bytes > 0 ? row_block_bytes : default_row_block_bytes();
+    const int64_t block_bytes = row_block_bytes > 0 ? row_block_bytes : kRowBlockBytes;
     const int64_t block = std::max<int64_t>(1, block_bytes / std::max<int64_t>(1, row_bytes));
     const int64_t blocks = std::max<int64_t>(1, (B + block - 1) / block);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {

@@ -5,7 +5,6 @@ import importlib.util
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -217,8 +216,8 @@ def skewed_plan(batch: int, d_sae: int, m: int, generator):
 
 # d_in: the plain loop (45) and every pass of float32's register-blocked loop. AVX2: 96 + 32 + 8 columns (136),
 # 4 x 96 + 32 + 8 (424), 96 only (576). AVX-512: 128 + 8 (136), 384 + 32 + 8 (424), 384 + 128 + 64 (576).
-# row_block_bytes: the default (0: half the L3 cache, one block here) and blocks of 100 KiB (2,000 x 576 floats of
-# rows: 44 blocks in float32, 88 in float64, so every latent's entries are split between blocks)
+# row_block_bytes: the default (0: 4 MiB blocks; 2,000 x 576 rows are two in float32, three in float64) and 100 KiB
+# (44 blocks in float32, 88 in float64, so every latent's entries are split between blocks)
 @pytest.mark.parametrize("batch,d_in,row_block_bytes", [(150, 45, 0), (150, 136, 0), (150, 424, 0), (2000, 576, 0),
                                                         (2000, 576, 100 << 10)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -269,16 +268,6 @@ def test_latent_sum_is_the_same_for_any_thread_count_and_splits_threads_by_entri
     for block_bytes in (0, 100 << 10):
         flipped = kernel.latent_sum(rows.flip(0), 1999 - plan.tokens, plan.offsets, weights, block_bytes)
         assert torch.equal(flipped, results[0])
-
-
-def test_latent_sum_row_block_is_half_the_l3_cache_and_at_least_4_mib(kernel):
-    """The default block reads the L3 size of cpu0 from sysfs (per cache instance, not per socket)."""
-    l3 = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        if (index / "level").read_text().strip() == "3":
-            text = (index / "size").read_text().strip()
-            l3 = int(text[:-1]) * {"K": 1024, "M": 1 << 20}[text[-1]]
-    assert kernel.default_row_block_bytes() == max(4 << 20, l3 // 2)
 
 
 @pytest.mark.parametrize("flat", [False, True])
