@@ -301,7 +301,7 @@ std::vector<torch::Tensor> latent_plan(const torch::Tensor& latents, int64_t n) 
 //   latents) instead of coming from DRAM for every latent. In any other order the sum is the same (entries are still
 //   taken in order, and the last block takes the rest), only slower. (Blocks of half the L3, one pass over the
 //   benchmark's 9.4 MiB of rows on a 32 MiB L3, measured 0.94x-1.18x against 4 MiB over six runs of
-//   bench/cpu_kernels.py: no gain, so the block stays fixed.)
+//   bench/cpu_kernels.py, which compared the two on 3 Dec 2026: no gain, so the block stays fixed.)
 constexpr int64_t kRowBlockBytes = 4 << 20;
 
 torch::Tensor latent_sum(const torch::Tensor& rows, const torch::Tensor& tokens, const torch::Tensor& offsets,
